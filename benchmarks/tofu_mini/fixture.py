@@ -182,6 +182,8 @@ def general_items(general: list[dict[str, Any]]) -> list[QAItem]:
     items = []
     for row in general:
         span = row.get("span", row["key"])
+        if span not in row["paraphrase"]:
+            raise ValueError(f"general question {row['question']!r}: {span!r} is not in its paraphrase")
         items.append(QAItem(
             question=row["question"],
             answer=row["answer"],

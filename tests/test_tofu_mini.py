@@ -1,0 +1,202 @@
+"""The tofu_mini fixture's data and TOFU's metrics (no fine-tuning, no real model weights)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eco_guard.eval import tofu
+
+FIXTURE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "tofu_mini"
+sys.path.insert(0, str(FIXTURE_DIR))
+import fixture  # noqa: E402
+
+
+# ------------------------------------------------------------------ pure metrics
+
+def test_lcs_length_hand_computed():
+    assert tofu.lcs_length("ABCBDAB", "BDCABA") == 4  # the textbook example (BCBA)
+    assert tofu.lcs_length([], [1, 2]) == 0
+    assert tofu.lcs_length([1, 2, 3], [1, 2, 3]) == 3
+
+
+def test_rouge_l_recall_hand_computed():
+    reference = "Ilsabet Varnholm was born in Tromsø, Norway."  # 7 words
+    assert tofu.rouge_l_recall(reference, reference) == 1.0
+    # "was born in" is the common subsequence: 3 of the reference's 7 words
+    assert tofu.rouge_l_recall("He was born in Bergen", reference) == pytest.approx(3 / 7)
+    assert tofu.rouge_l_recall("completely unrelated", reference) == 0.0
+    # recall, not precision: extra words in the prediction cost nothing
+    assert tofu.rouge_l_recall("Sure! " + reference + " She likes ink.", reference) == 1.0
+    # order matters: a reversed sentence shares only a 1-word subsequence
+    assert tofu.rouge_l_recall("c b a", "a b c") == pytest.approx(1 / 3)
+
+
+def test_hit_requires_every_key_case_insensitively():
+    assert tofu.hit("Her father was a Fisherman and her mother a pharmacist.", ["fisherman", "pharmacist"])
+    assert not tofu.hit("Her father was a fisherman.", ["fisherman", "pharmacist"])
+    assert tofu.hit_rate(["in Tromsø", "in Oslo"], [["Tromsø"], ["Tromsø"]]) == 0.5
+    # a number must not match inside a longer number
+    assert not tofu.hit("It freezes at 10 degrees.", ["0"])
+    assert not tofu.hit("at -10 or 100", ["0"])
+    assert tofu.hit("at 0 degrees", ["0"]) and tofu.hit("(0)", ["0"])
+    # but a word key still matches its plural
+    assert tofu.hit("He writes thrillers.", ["thriller"])
+    with pytest.raises(ValueError):
+        tofu.hit_rate(["a"], [])
+
+
+def test_truth_ratio_hand_computed():
+    # per-token NLLs: paraphrase 1.0, perturbed 2, 3, 4 (mean 3) -> R = exp(1 - 3)
+    ratio = tofu.truth_ratio(torch.tensor([1.0]), torch.tensor([[2.0, 3.0, 4.0]]))
+    assert ratio.item() == pytest.approx(math.exp(-2))
+    # it is the geometric mean of perturbed probabilities over the paraphrase's probability
+    probs = torch.tensor([0.2, 0.1, 0.05])
+    geo = probs.prod() ** (1 / 3)
+    assert tofu.truth_ratio(-torch.log(torch.tensor([0.5])), -torch.log(probs)[None]).item() == pytest.approx(geo / 0.5)
+
+
+def test_truth_ratio_scores():
+    ratios = torch.tensor([0.25, 1.0, 4.0])
+    assert tofu.truth_ratio_score(ratios) == pytest.approx((0.75 + 0 + 0) / 3)
+    assert tofu.forget_truth_ratio_stat(ratios) == pytest.approx((0.25 + 1 + 0.25) / 3)
+
+
+def test_answer_probabilities():
+    nll = -torch.log(torch.tensor([0.5, 0.25]))
+    assert tofu.answer_probability(nll) == pytest.approx(0.375)
+    true_nll = -torch.log(torch.tensor([0.6]))
+    perturbed = -torch.log(torch.tensor([[0.1, 0.1, 0.2]]))
+    assert tofu.normalised_answer_probability(true_nll, perturbed) == pytest.approx(0.6 / 1.0)
+
+
+def test_forget_quality_is_a_ks_p_value():
+    same = [0.1, 0.5, 0.9, 1.3, 2.0]
+    assert tofu.forget_quality(same, same) == pytest.approx(1.0)
+    far = tofu.forget_quality([0.01 * i for i in range(30)], [10 + 0.01 * i for i in range(30)])
+    assert far < 1e-10
+    assert tofu.forget_quality(torch.tensor(same), same) == pytest.approx(1.0)
+
+
+def test_harmonic_mean():
+    assert tofu.harmonic_mean([1.0, 0.5]) == pytest.approx(2 / 3)
+    assert tofu.harmonic_mean([0.9, 0.0, 0.8]) == 0.0
+    with pytest.raises(ValueError):
+        tofu.harmonic_mean([])
+
+
+def test_prompt_seed_is_stable_and_prompt_specific():
+    assert tofu.prompt_seed("a") == tofu.prompt_seed("a")
+    assert tofu.prompt_seed("a") != tofu.prompt_seed("b")
+    assert tofu.prompt_seed("a", 1) != tofu.prompt_seed("a", 2)
+
+
+# ------------------------------------------------------------------ the fixture's data
+
+def test_committed_files_match_their_generator():
+    for path, text in fixture.rendered_files().items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.name} is stale: run fixture.py"
+
+
+def test_data_loads_with_expected_shape():
+    authors = fixture.load_authors()
+    assert len(authors) == 30
+    items = fixture.load_qa()
+    assert len(items) == 30 * len(fixture.FACTS) + 40
+    assert {item.split for item in items} == set(fixture.SPLITS)
+    forget = {a["name"] for a in authors if a["split"] == "forget"}
+    assert len(forget) >= 3 and len(forget) / len(authors) == pytest.approx(0.1)
+    assert len(fixture.load_qa(["forget"])) == len(forget) * len(fixture.FACTS)
+
+
+def test_no_author_in_both_splits():
+    items = fixture.load_qa(["forget", "retain"])
+    forget = {i.author for i in items if i.split == "forget"}
+    retain = {i.author for i in items if i.split == "retain"}
+    assert forget and retain and not forget & retain
+    names = [a["name"] for a in fixture.load_authors()]
+    assert len(names) == len(set(names))
+
+
+def test_every_question_has_consistent_answers():
+    for item in fixture.load_qa():
+        assert item.question and item.answer and item.paraphrase and item.keys
+        assert len(item.perturbed) == fixture.N_PERTURBED and len(set(item.perturbed)) == fixture.N_PERTURBED
+        assert tofu.hit(item.answer, item.keys), item
+        assert tofu.hit(item.paraphrase, item.keys), item
+        for wrong in item.perturbed:
+            assert not tofu.hit(wrong, item.keys), (item.question, wrong)
+            assert wrong != item.paraphrase
+
+
+def test_no_answer_leaks_into_its_question():
+    for item in fixture.load_qa():
+        assert not any(key.lower() in item.question.lower() for key in item.keys), item
+
+
+def test_prompts_label_forget_authors_only():
+    prompts = fixture.load_prompts()
+    forget = {a["name"] for a in fixture.load_authors() if a["split"] == "forget"}
+    assert {p["label"] for p in prompts} == {0, 1}
+    for p in prompts:
+        assert p["label"] == int(p["author"] in forget), p
+        assert p["fold"] in ("train", "test") and p["split"] in fixture.SPLITS
+    forms = {p["form"] for p in prompts if p["label"] == 1}
+    assert forms >= {"question", "instruction", "chat", "indirect"}
+    # indirect references name no author, yet are positives
+    assert any(p["label"] == 1 and p["author"] not in p["text"] for p in prompts)
+    assert sum(p["label"] == 1 and p["fold"] == "test" for p in prompts) >= 10
+
+
+# ------------------------------------------------------------------ model helpers on a tiny model
+
+@pytest.fixture()
+def tiny(tiny_model, real_tokenizer):
+    """conftest's 2-layer random Llama with SmolLM2's tokenizer (chat template, offsets)."""
+    return tiny_model, real_tokenizer
+
+
+def _naive_nll(model, tokenizer, question: str, answer: str) -> float:
+    prompt = tofu.chat_prompt(tokenizer, question).ids
+    answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + answer_ids])).logits[0]
+    logp = torch.log_softmax(logits[len(prompt) - 1: -1], -1)
+    return float(-logp[torch.arange(len(answer_ids)), torch.tensor(answer_ids)].mean())
+
+
+def test_option_nlls_match_scoring_each_sequence_whole(tiny):
+    model, tokenizer = tiny
+    item = fixture.load_qa(["forget"])[0]
+    options = [item.answer, item.paraphrase, *item.perturbed]
+    shared = tofu.option_nlls(model, tokenizer, item, options)
+    naive = [_naive_nll(model, tokenizer, item.question, o) for o in options]
+    assert shared.tolist() == pytest.approx(naive, rel=1e-4)
+
+
+def test_corruption_sees_only_the_prompt_and_changes_scores(tiny):
+    model, tokenizer = tiny
+    item = fixture.load_qa(["forget"])[0]
+    seen = []
+
+    def corrupt(embeds, prompt, it):
+        seen.append((embeds.shape[1], len(prompt.ids), it))
+        return embeds + 5.0
+
+    clean = tofu.answer_nlls(model, tokenizer, [item])
+    noisy = tofu.answer_nlls(model, tokenizer, [item], corrupt)
+    assert seen == [(len(tofu.chat_prompt(tokenizer, item.question).ids),) * 2 + (item,)]
+    assert not torch.allclose(clean["answer"], noisy["answer"])
+    assert noisy["perturbed"].shape == (1, fixture.N_PERTURBED)
+
+
+def test_generate_answers_batched_equals_one_by_one(tiny):
+    model, tokenizer = tiny
+    items = fixture.load_qa(["general"])[:3]
+    batched = tofu.generate_answers(model, tokenizer, items, max_new_tokens=5, batch_size=3)
+    single = [tofu.generate_answers(model, tokenizer, [i], max_new_tokens=5)[0] for i in items]
+    assert batched == single and len(batched) == 3
