@@ -127,6 +127,7 @@ class GenerationParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep decoding past end-of-sequence (benchmarks: always max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,7 @@ class LocalBackend:
         generators = self._generators(params, len(prompts))
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
+        eos_ids = set() if params.ignore_eos else self.eos_ids
         with torch.inference_mode():
             out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
                              use_cache=True, **{self._cache_arg: cache})
@@ -406,7 +408,7 @@ class LocalBackend:
                 tokens = self._pick(out.logits[:, -1, :], params, generators)
                 pieces = []
                 for row, token in zip(rows, tokens.tolist()):
-                    pieces.append("" if row.done else row.push(token, self.eos_ids))
+                    pieces.append("" if row.done else row.push(token, eos_ids))
                 yield pieces
                 if all(r.done for r in rows):
                     return
