@@ -55,7 +55,7 @@ def keyword_spans(text: str, keywords: Sequence[str], within: Sequence[Span]) ->
         return []
     pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
     return [
-        (start + m.start(), start + m.end())
+        (m.start(), m.end())
         for start, end in within
         for m in pattern.finditer(text, start, end)
     ]

@@ -1,0 +1,187 @@
+"""The engine's routing on a tiny random Llama with a keyword classifier double; then on the real models."""
+
+from __future__ import annotations
+
+import pytest
+
+from eco_guard.backends.local import GenerationParams
+from eco_guard.classifier import Classification
+from eco_guard.config import parse_config
+from eco_guard.errors import EcoGuardError, InputError
+from eco_guard.guard import BLOCKED_REPLY, Guard, GuardRequest
+from eco_guard.selection import token_mask
+
+CONFIG = """
+topics:
+  - name: wizards
+    corruption: {{method: rand_noise_first_n, dims: 1, strength: 50, seed: 3}}
+    selection: {selection}
+  - name: space
+    corruption: {{method: zero_out_first_n, dims: 4}}
+on_classifier_error: {policy}
+rag: {rag}
+generation: {{max_new_tokens: 6}}
+"""
+
+
+class KeywordClassifier:
+    """A stand-in for the trained classifier: flags a topic when one of its words appears."""
+
+    words = {"wizards": ("wizard", "hogwarts"), "space": ("rocket", "jedi")}
+
+    def classify(self, texts):
+        out = []
+        for text in texts:
+            scores = {t: float(any(w in text.lower() for w in ws)) for t, ws in self.words.items()}
+            top = max(scores, key=scores.get)
+            flagged = scores[top] >= 0.5
+            out.append(Classification(flagged, top if flagged else None, scores[top], scores))
+        return out
+
+
+class BrokenClassifier:
+    def classify(self, texts):
+        raise RuntimeError("encoder exploded")
+
+
+def make_guard(backend, *, classifier=None, policy="flag", rag="corrupt", selection="{mode: content}"):
+    cfg = parse_config(CONFIG.format(policy=policy, rag=rag, selection=selection))
+    return Guard(cfg, backend, classifier or KeywordClassifier())
+
+
+def test_flagged_prompt_is_corrupted_on_its_content_tokens(tiny_backend):
+    guard = make_guard(tiny_backend)
+    routed = guard.route(GuardRequest.of("Tell me about the wizard school"))
+    assert routed.decision.flagged and routed.decision.topic == "wizards"
+    assert routed.decision.route == "corrupted"
+    content = token_mask(routed.prompt.offsets, routed.prompt.user_spans)
+    assert list(routed.plan.mask) == content
+    assert routed.decision.corrupted_tokens == sum(content) > 0
+    assert routed.plan.spec == guard.config.topic("wizards").corruption
+
+
+def test_flagged_answer_differs_and_unflagged_equals_plain_generation(tiny_backend):
+    guard = make_guard(tiny_backend)
+    params = GenerationParams(max_new_tokens=6)
+    for text, flagged in [("A wizard walks into a bar", True), ("What is the capital of France?", False)]:
+        result = guard.invoke(text)
+        plain = tiny_backend.generate([tiny_backend.prepare([{"role": "user", "content": text}])], None, params)[0]
+        assert result.decision.flagged is flagged
+        assert (result.generation.token_ids == plain.token_ids) is (not flagged)
+
+
+def test_topic_specific_corruption_is_used(tiny_backend):
+    guard = make_guard(tiny_backend)
+    routed = guard.route(GuardRequest.of("How fast is a rocket?"))
+    assert routed.decision.topic == "space"
+    assert routed.plan.spec.method == "zero_out_first_n"
+
+
+def test_keyword_selection_corrupts_only_the_keyword(tiny_backend):
+    guard = make_guard(tiny_backend, selection="{mode: keywords, keywords: [Hogwarts]}")
+    routed = guard.route(GuardRequest.of("Where is HOGWARTS located?"))
+    picked = [tiny_backend.tokenizer.decode([t]) for t, m in zip(routed.prompt.input_ids, routed.plan.mask) if m]
+    assert "".join(picked).strip().lower() == "hogwarts"
+
+
+def test_same_prompt_gets_the_same_noise_and_output(tiny_backend):
+    guard = make_guard(tiny_backend)
+    first, second = guard.invoke("wizard duel tips"), guard.invoke("wizard duel tips")
+    assert first.generation.token_ids == second.generation.token_ids
+
+
+@pytest.mark.parametrize(
+    ("policy", "route", "flagged"), [("flag", "corrupted", True), ("block", "blocked", True), ("pass", "fallback", False)]
+)
+def test_classifier_failure_follows_policy(tiny_backend, policy, route, flagged):
+    guard = make_guard(tiny_backend, classifier=BrokenClassifier(), policy=policy)
+    result = guard.invoke("What is the capital of France?")
+    assert result.decision.route == route
+    assert result.decision.flagged is flagged
+    assert "encoder exploded" in result.decision.error
+    if policy == "block":
+        assert result.text == BLOCKED_REPLY
+
+
+def test_rag_corrupts_flagged_passages_only(tiny_backend):
+    guard = make_guard(tiny_backend)
+    passage_ok, passage_bad = "Paris is the capital of France.", "The wizard school has four houses."
+    routed = guard.route(GuardRequest.of("Tell me something.", [passage_ok, passage_bad]))
+    assert routed.decision.route == "corrupted" and routed.decision.passages_flagged == 1
+    text = routed.prompt.text
+    bad_at = text.index(passage_bad)
+    picked = {i for i, (s, e) in enumerate(routed.prompt.offsets) if routed.plan.mask[i]}
+    assert picked, "the flagged passage should be corrupted"
+    for i in picked:  # every corrupted token lies inside the flagged passage
+        s, e = routed.prompt.offsets[i]
+        assert bad_at <= s and e <= bad_at + len(passage_bad) + 1
+
+
+def test_rag_drop_removes_flagged_passages(tiny_backend):
+    guard = make_guard(tiny_backend, rag="drop")
+    routed = guard.route(GuardRequest.of("Tell me something.", ["Paris is in France.", "A wizard lives here."]))
+    assert routed.decision.route == "fallback"
+    assert routed.decision.passages_dropped == 1
+    assert "wizard" not in routed.prompt.text and "Paris is in France." in routed.prompt.text
+
+
+def test_batch_equals_sequential(tiny_backend):
+    guard = make_guard(tiny_backend)
+    prompts = ["wizard spells", "bake bread", "rocket fuel", "capital of Peru", "hogwarts", "why is the sky blue"]
+    batched = guard.batch(prompts)
+    sequential = [guard.invoke(p) for p in prompts]
+    assert [r.generation.token_ids for r in batched] == [r.generation.token_ids for r in sequential]
+    assert [r.decision for r in batched] == [r.decision for r in sequential]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        (42, "must be text"),
+        ([{"role": "user", "content": ["x"]}], "has no user message with text"),
+        ("word " * 5000, "tokens long"),
+    ],
+)
+def test_bad_prompts_get_a_one_line_reason(tiny_backend, prompt, reason):
+    guard = make_guard(tiny_backend)
+    with pytest.raises(InputError) as err:
+        guard.invoke(prompt)
+    assert reason in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_generation_settings_are_rejected(tiny_backend):
+    guard = make_guard(tiny_backend)
+    with pytest.raises(InputError, match="unknown generation setting"):
+        guard.invoke("hello", max_tokens_typo=3)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        guard.invoke("hello", max_new_tokens=0)
+
+
+def test_dims_wider_than_the_model_fail_at_construction(tiny_backend):
+    cfg = parse_config("topics: [{name: t, corruption: {dims: 100000, strength: 1}}]")
+    with pytest.raises(EcoGuardError, match="exceeds the model's embedding width"):
+        Guard(cfg, tiny_backend, KeywordClassifier())
+
+
+# ---------------------------------------------------------------- real models
+
+@pytest.fixture(scope="module")
+def demo_guard():
+    from eco_guard.langchain import shared_guard
+
+    return shared_guard(None)
+
+
+@pytest.mark.integration
+def test_real_guard_routes_demo_prompts(demo_guard):
+    flagged = demo_guard.invoke("Who wrote the Harry Potter books?", max_new_tokens=24)
+    plain = demo_guard.invoke("What is the capital of France?", max_new_tokens=24)
+    assert flagged.decision.route == "corrupted" and flagged.decision.topic == "harry_potter"
+    assert "rowling" not in flagged.text.lower()
+    assert plain.decision.route == "fallback"
+    assert "paris" in plain.text.lower()
+    unguarded = demo_guard.backend.generate([demo_guard.backend.prepare([{"role": "user", "content": "Who wrote the Harry Potter books?"}])],
+                                            None, GenerationParams(max_new_tokens=24))[0]
+    assert "rowling" in unguarded.text.lower()  # the model knows it: the guard made the difference
