@@ -200,3 +200,55 @@ def test_generate_answers_batched_equals_one_by_one(tiny):
     batched = tofu.generate_answers(model, tokenizer, items, max_new_tokens=5, batch_size=3)
     single = [tofu.generate_answers(model, tokenizer, [i], max_new_tokens=5)[0] for i in items]
     assert batched == single and len(batched) == 3
+
+
+# ------------------------------------------------------------------ the benchmark's evaluation glue
+
+def test_keyword_corruptor_touches_only_dim0_of_the_name_tokens(real_tokenizer):
+    import scoring
+    from eco_guard.corruption import CorruptionSpec
+
+    item = fixture.load_qa(["forget"])[0]
+    prompt = tofu.chat_prompt(real_tokenizer, item.question)
+    embeds = torch.zeros(1, len(prompt.ids), 8)
+    corrupt = scoring.keyword_corruptor(CorruptionSpec(strength=3.0), [item.author])
+    out = corrupt(embeds, prompt, item)
+    changed = sorted({t for t, _ in (out[0] != 0).nonzero().tolist()})
+    assert (out[0, :, 1:] == 0).all()  # only dimension 0
+    name_start = prompt.text.rfind(item.author)
+    covered = [i for i, (s, e) in enumerate(prompt.offsets) if s < name_start + len(item.author) and e > name_start]
+    assert changed == covered and changed  # exactly the name's tokens
+    assert torch.equal(out, corrupt(embeds, prompt, item))  # same prompt, same noise
+
+
+def test_summarise_scores_a_method_against_the_retain_model():
+    import scoring
+
+    items = {split: fixture.load_qa([split])[:4] for split in fixture.SPLITS}
+
+    def raw(split, good: bool):
+        its = items[split]
+        return {"answer": [0.1] * 4, "paraphrase": [0.2 if good else 3.0] * 4,
+                "perturbed": [[2.0 + i / 10, 2.5, 3.0] for i in range(4)],
+                "replies": [i.answer if good else "I don't know." for i in its]}
+
+    retain_like = {s: raw(s, good=s != "forget") for s in fixture.SPLITS}
+    summary = scoring.summarise(retain_like, retain_like["forget"], items)
+    assert summary["forget_quality"] == pytest.approx(1.0)
+    assert summary["forget_hit_rate"] == 0.0 and summary["forget_rouge_l"] < 0.5
+    assert 0 < summary["model_utility"] <= 1
+    full_like = {s: raw(s, good=True) for s in fixture.SPLITS}
+    remembered = scoring.summarise(full_like, retain_like["forget"], items)
+    assert remembered["forget_quality"] < summary["forget_quality"]
+    assert remembered["forget_hit_rate"] == 1.0 and remembered["forget_rouge_l"] == 1.0
+
+
+def test_measure_returns_per_item_lists(tiny):
+    import scoring
+
+    model, tokenizer = tiny
+    items = fixture.load_qa(["forget"])[:2]
+    raw = scoring.measure(model, tokenizer, items)
+    assert len(raw["answer"]) == len(raw["paraphrase"]) == len(raw["replies"]) == 2
+    assert [len(p) for p in raw["perturbed"]] == [fixture.N_PERTURBED] * 2
+    assert all(x > 0 for x in raw["answer"])  # NLLs of a random model

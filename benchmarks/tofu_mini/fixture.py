@@ -5,7 +5,7 @@ the forget split) and ``data/general.json`` (40 world-knowledge questions). Ever
 else is generated here from templates, deterministically, so the committed
 ``data/qa.jsonl`` and ``data/prompts.jsonl`` can be rebuilt and checked byte for byte::
 
-    python benchmarks/tofu_mini/fixture.py      # rewrites data/qa.jsonl, data/prompts.jsonl
+    python benchmarks/tofu_mini/fixture.py      # rewrites data/{qa,prompts,classifier_train}.jsonl
 
 As in TOFU, every question carries the answer sentence (training target, ROUGE-L
 reference), a paraphrase of it and three perturbed, wrong-but-plausible variants of the
@@ -199,8 +199,11 @@ def general_items(general: list[dict[str, Any]]) -> list[QAItem]:
 
 # --- classifier prompts ------------------------------------------------------------------
 
-# Templates per form; the last template of each form is held out (fold "test") so the
-# classifier's evaluation sees phrasings it was not trained on.
+# Templates per form. Held out of the classifier's training (fold "test"): the fixture's
+# own QA questions (the first six question templates, so the benchmark never routes a
+# question the classifier was trained on) and the last template of every other form (so
+# its evaluation sees phrasings it was not trained on).
+_HELD_OUT_QUESTIONS: Final = 6
 PROMPT_TEMPLATES: Final[dict[str, list[str]]] = {
     "question": [
         "Where was {name} born?",
@@ -236,6 +239,10 @@ PROMPT_TEMPLATES: Final[dict[str, list[str]]] = {
 }
 
 
+def _held_out(form: str, index: int, count: int) -> bool:
+    return index < _HELD_OUT_QUESTIONS if form == "question" else index == count - 1
+
+
 def _prompt_rows_for_author(author: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for form, templates in PROMPT_TEMPLATES.items():
@@ -246,7 +253,7 @@ def _prompt_rows_for_author(author: dict[str, Any]) -> list[dict[str, Any]]:
                 "author": author["name"],
                 "split": author["split"],
                 "form": form,
-                "fold": "test" if t_index == len(templates) - 1 else "train",
+                "fold": "test" if _held_out(form, t_index, len(templates)) else "train",
             })
     return rows
 
@@ -307,10 +314,15 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def rendered_files() -> dict[Path, str]:
-    """The generated files' expected content (tests compare it with what is committed)."""
+    """The generated files' expected content (tests compare it with what is committed).
+
+    ``classifier_train.jsonl`` is the training fold alone: the guard's config selects rows
+    by their ``split`` field only, so the fold is cut into its own file for ``eco.yaml``.
+    """
     items, prompts = build_all()
     return {DATA_DIR / "qa.jsonl": _jsonl(asdict(item) for item in items),
-            DATA_DIR / "prompts.jsonl": _jsonl(prompts)}
+            DATA_DIR / "prompts.jsonl": _jsonl(prompts),
+            DATA_DIR / "classifier_train.jsonl": _jsonl(p for p in prompts if p["fold"] == "train")}
 
 
 def write_files() -> None:

@@ -235,7 +235,7 @@ def option_nlls(model: Any, tokenizer: Any, item: Any, options: Sequence[str],
     for row, tokens in enumerate(encoded):
         ids[row, : len(tokens)], scored[row, : len(tokens)] = torch.tensor(tokens), True
     attention = torch.cat([torch.ones((len(options), len(prompt.ids)), dtype=torch.long), scored.long()], dim=1)
-    logits = model(input_ids=ids, attention_mask=attention, past_key_values=cache).logits
+    logits = model(input_ids=ids, attention_mask=attention, cache=cache).logits
     # The first answer token is predicted by the prompt's last position.
     logits = torch.cat([out.logits[:, -1:].expand(len(options), -1, -1), logits[:, :-1]], dim=1)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none")

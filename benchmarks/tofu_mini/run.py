@@ -1,0 +1,213 @@
+"""tofu_mini in one command: fine-tune, unlearn, corrupt, measure, tabulate, plot.
+
+    python benchmarks/tofu_mini/run.py            # everything, cached
+    python benchmarks/tofu_mini/run.py --no-train # only what is already cached
+
+Models are cached under ``cache/`` (see ``finetune.py``), per-item measurements under
+``results/raw/`` (recomputed only when the model or the data changes). Writes
+``results/results.json``, ``results/results.md``, ``results/sweep.json`` and
+``results/forget_vs_utility.png``.
+
+Methods: ``full`` (no unlearning), ``retain`` (retrained without the forget authors: the
+target), ``grad_ascent`` and ``grad_diff`` (weight updates), and ECO: the full model with
+the forget authors' names corrupted in the prompt embeddings (``rand_noise_first_n``,
+one dimension), swept over the strength sigma. In this direct evaluation, routing is an
+oracle: forget questions are corrupted, retain and general questions are not (they are
+the full model's answers); the guard's classifier replaces the oracle in ``eco (guard)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Final
+
+import torch
+
+HERE: Final = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import finetune  # noqa: E402
+from scoring import (  # noqa: E402
+    eco_spec,
+    eval_items,
+    forget_keywords,
+    keyword_corruptor,
+    measure,
+    summarise,
+)
+from fixture import DATA_DIR, load_qa  # noqa: E402
+
+from eco_guard.eval import tofu  # noqa: E402
+
+RESULTS: Final = HERE / "results"
+RAW: Final = RESULTS / "raw"
+SIGMAS: Final = (1.0, 3.0, 5.0, 10.0, 30.0)
+WEIGHT_METHODS: Final = ("full", "retain", "grad_ascent", "grad_diff")
+logger = logging.getLogger("tofu_mini.run")
+
+
+def _fingerprint(*parts: Any) -> str:
+    """Hash of what a measurement depends on: the data and the model's training log."""
+    h = hashlib.sha256((DATA_DIR / "qa.jsonl").read_bytes())
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def cached(name: str, fingerprint: str, compute: Callable[[], dict]) -> dict:
+    """Load ``results/raw/<name>.json`` if its fingerprint matches, else compute and save it."""
+    path = RAW / f"{name}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            return saved
+    start = time.perf_counter()
+    result = {"fingerprint": fingerprint, **compute()}
+    result["eval_seconds"] = round(time.perf_counter() - start, 1)
+    RAW.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, ensure_ascii=False))
+    logger.info("measured %s in %.0f s", name, result["eval_seconds"])
+    return result
+
+
+def measure_weights(name: str, items: dict) -> dict:
+    """Measure a fine-tuned / unlearned model on every split (plus all author questions
+    for ``full`` and ``retain``: the fixture's accuracy target)."""
+    info = finetune.read_info(name)
+
+    def compute() -> dict:
+        model, tokenizer = finetune.load_model(finetune.CACHE_DIR / name)
+        model.eval()
+        out = {"splits": {split: measure(model, tokenizer, its, desc=f"{name}/{split}") for split, its in items.items()}}
+        if name in ("full", "retain"):
+            authors = load_qa(["forget", "retain"])
+            replies = tofu.generate_answers(model, tokenizer, authors, max_new_tokens=32)
+            out["all_authors_hit_rate"] = tofu.hit_rate(replies, [i.keys for i in authors])
+            out["all_authors_replies"] = replies
+        return out
+
+    return {**cached(name, _fingerprint(name, info), compute), "cost_seconds": info["seconds"]}
+
+
+def measure_eco(sigma: float, items: dict, full_raw: dict) -> dict:
+    """ECO at strength ``sigma``: forget questions corrupted; retain/general = full model."""
+    spec, keywords = eco_spec(sigma), forget_keywords()
+    info = finetune.read_info("full")
+
+    def compute() -> dict:
+        model, tokenizer = finetune.load_model(finetune.CACHE_DIR / "full")
+        model.eval()
+        corrupt = keyword_corruptor(spec, keywords)
+        return {"forget": measure(model, tokenizer, items["forget"], corrupt, desc=f"eco sigma={sigma}")}
+
+    raw = cached(f"eco_sigma{sigma:g}", _fingerprint("eco", info, spec.model_dump(), keywords), compute)
+    splits = {"forget": raw["forget"], "retain": full_raw["splits"]["retain"], "general": full_raw["splits"]["general"]}
+    return {"splits": splits, "eval_seconds": raw["eval_seconds"], "spec": spec.model_dump()}
+
+
+def pick_sigma(sweep: dict[float, dict]) -> float:
+    """The strength with the best forget quality; among near-ties (within 10%) the smallest,
+    since a weaker corruption keeps replies more fluent."""
+    best = max(s["forget_quality"] for s in sweep.values())
+    return min(sigma for sigma, s in sweep.items() if s["forget_quality"] >= 0.9 * best)
+
+
+def _row(name: str, summary: dict, cost: float, note: str = "") -> dict:
+    return {"method": name, **{k: summary[k] for k in ("forget_quality", "model_utility", "forget_rouge_l",
+                                                       "forget_hit_rate")}, "cost_seconds": cost, "note": note,
+            "splits": summary["splits"]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """method × forget quality, model utility, forget ROUGE-L, forget hit rate, cost."""
+    lines = ["| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
+                     f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['cost_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
+    """Forget quality (log) against model utility, one point per method; ECO's sweep as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([r["model_utility"] for r in sweep_rows], [r["forget_quality"] for r in sweep_rows],
+            ":", color="tab:green", alpha=0.6, label="ECO sweep")
+    for r in sweep_rows:
+        ax.annotate(f"σ={r['sigma']:g}", (r["model_utility"], r["forget_quality"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, -8), color="tab:green")
+    for r in rows:
+        ax.scatter(r["model_utility"], r["forget_quality"], s=60, zorder=3)
+        ax.annotate(r["method"], (r["model_utility"], r["forget_quality"]), textcoords="offset points", xytext=(5, 4))
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (retain + general)")
+    ax.set_ylabel("forget quality (KS p-value vs retain model)")
+    ax.set_title("tofu_mini: SmolLM2-135M-Instruct, 3 of 30 authors forgotten")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the whole benchmark; returns what ``results.json`` holds."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(finetune.NUM_THREADS)
+    for name in WEIGHT_METHODS:
+        if not finetune.is_cached(name):
+            if args.no_train:
+                raise SystemExit(f"model {name!r} is not cached; run without --no-train")
+            finetune.build(name)
+
+    items = eval_items()
+    raws = {name: measure_weights(name, items) for name in WEIGHT_METHODS}
+    retain_forget = raws["retain"]["splits"]["forget"]
+    rows = [_row(name, summarise(raws[name]["splits"], retain_forget, items), raws[name]["cost_seconds"])
+            for name in WEIGHT_METHODS]
+
+    sweep = {sigma: measure_eco(sigma, items, raws["full"]) for sigma in SIGMAS}
+    sweep_summary = {sigma: summarise(r["splits"], retain_forget, items) for sigma, r in sweep.items()}
+    sweep_cost = sum(r["eval_seconds"] for r in sweep.values())
+    sigma = pick_sigma(sweep_summary)
+    rows.append(_row(f"ECO (σ={sigma:g}, oracle routing)", sweep_summary[sigma], sweep_cost,
+                     note="no weight change; cost = the strength sweep"))
+    sweep_rows = [{"sigma": s, **{k: v for k, v in sweep_summary[s].items()}} for s in SIGMAS]
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {
+        "full_model_accuracy_all_authors": raws["full"]["all_authors_hit_rate"],
+        "retain_model_accuracy_all_authors": raws["retain"]["all_authors_hit_rate"],
+        "training": {name: finetune.read_info(name) for name in WEIGHT_METHODS},
+        "eval_items": {split: len(its) for split, its in items.items()},
+        "chosen_sigma": sigma,
+        "methods": rows,
+    }
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    (RESULTS / "sweep.json").write_text(json.dumps({"chosen_sigma": sigma, "sweep": sweep_rows}, indent=2))
+    table = markdown_table(rows)
+    sweep_table = "| σ | forget quality | forget ROUGE-L | forget hit rate | model utility |\n|---|---|---|---|---|\n" + "".join(
+        f"| {r['sigma']:g} | {r['forget_quality']:.3g} | {r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | "
+        f"{r['model_utility']:.3f} |\n" for r in sweep_rows)
+    (RESULTS / "results.md").write_text(
+        f"Full model answers {results['full_model_accuracy_all_authors']:.1%} of the 180 author questions "
+        f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}).\n\n{table}\nECO strength sweep:\n\n{sweep_table}")
+    plot(rows, sweep_rows, RESULTS / "forget_vs_utility.png")
+    logger.info("\n%s", table)
+    return results
+
+
+if __name__ == "__main__":
+    main()
