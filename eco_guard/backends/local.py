@@ -298,7 +298,9 @@ class LocalBackend:
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if len(ids) > self.max_input_tokens:
             raise InputError(f"the prompt is {len(ids)} tokens long; this model accepts at most {self.max_input_tokens}")
-        content = users[-1]["content"]
+        # stripped: surrounding whitespace carries nothing, may merge with template tokens ("\n "),
+        # and templates that trim the content would otherwise not contain it at all
+        content = users[-1]["content"].strip()
         at = text.rfind(content)
         spans = ((at, at + len(content)),) if at >= 0 else ()
         return PreparedPrompt(text, tuple(ids), tuple(tuple(o) for o in offsets), spans)
