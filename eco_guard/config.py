@@ -164,8 +164,9 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 def _interpolate(text: str, where: str) -> str:
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
-        if name in os.environ:
-            return os.environ[name]
+        value = os.environ.get(name)
+        if value or (value is not None and default is None):  # like the shell, ${VAR:-x} also replaces ""
+            return value
         if default is not None:
             return default
         raise ConfigError(f"{where}: environment variable ${{{name}}} is not set and has no default (use ${{{name}:-value}})")
@@ -189,8 +190,14 @@ def _construct(node: yaml.Node, file: str, lines: dict[tuple, int], path: tuple 
     value = yaml.safe_load(yaml.serialize(node))
     if isinstance(value, str) and "${" in value:
         interpolated = _interpolate(value, f"{file}:{lines[path]}: {_dotted(path)}")
-        # Re-resolve so "${PORT:-8000}" becomes an int, like the literal would.
-        value = yaml.safe_load(interpolated) if interpolated.strip() else interpolated
+        # Re-resolve a plain scalar so ${PORT:-8000} becomes an int, like the literal would;
+        # a quoted one ("${PORT}") stays text, like a quoted literal.
+        value = interpolated
+        if node.style is None and interpolated.strip():
+            try:
+                value = yaml.safe_load(interpolated)
+            except yaml.YAMLError:  # e.g. a value starting with '@' or '%': it is plain text
+                value = interpolated
         if not isinstance(value, (str, int, float, bool)) and value is not None:
             value = interpolated
     return value
@@ -218,8 +225,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         return p
 
     def fix_source(s: Any) -> Any:
-        if isinstance(s, dict):
-            return {**s, "path": fix(s.get("path"))}
+        if isinstance(s, dict) and "path" in s:
+            return {**s, "path": fix(s["path"])}
         return fix(s)
 
     clf = data.setdefault("classifier", {})
@@ -235,6 +242,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for topic in data.get("topics") or []:
         if isinstance(topic, dict) and isinstance(topic.get("data"), list):
             topic["data"] = [fix_source(s) for s in topic["data"]]
+
+
+def _check_topic_names(data: dict[str, Any], file: str, lines: dict[tuple, int]) -> None:
+    """Point a repeated topic name at its second occurrence (the schema alone can only blame the list)."""
+    topics = data.get("topics")
+    seen: set[str] = set()
+    for i, topic in enumerate(topics if isinstance(topics, list) else []):
+        name = topic.get("name") if isinstance(topic, dict) else None
+        if isinstance(name, str) and name in seen:
+            where = _line_for(("topics", i, "name"), lines)
+            raise ConfigError(f"{file}:{where}: topics[{i}].name: topic names must be unique, repeated: {name}")
+        if isinstance(name, str):
+            seen.add(name)
 
 
 def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = None) -> GuardConfig:
@@ -253,6 +273,7 @@ def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = N
     if not isinstance(data, dict):
         raise ConfigError(f"{file}:1: <root>: expected a mapping of settings, got {type(data).__name__}")
     _resolve_paths(data, base_dir or Path.cwd())
+    _check_topic_names(data, file, lines)
     try:
         cfg = GuardConfig.model_validate(data)
     except ValidationError as exc:
@@ -274,4 +295,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GuardConfig:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{file}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return parse_config(text, file=str(file), base_dir=file.resolve().parent)
