@@ -1,0 +1,54 @@
+"""LangChain's own standard test suites for ECOChatModel (the embedded demo config, real models).
+
+Only tool calling, structured output, JSON mode and multimodal inputs are switched off:
+a 135M local chat model offers none of them.
+"""
+
+from __future__ import annotations
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from eco_guard.langchain import ECOChatModel
+
+PARAMS = {"max_tokens": 12}
+
+
+class _Capabilities:
+    @property
+    def chat_model_class(self) -> type[ECOChatModel]:
+        return ECOChatModel
+
+    @property
+    def chat_model_params(self) -> dict:
+        return dict(PARAMS)
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict:
+        return {"invoke": [], "stream": []}
+
+
+class TestECOChatModelUnit(_Capabilities, ChatModelUnitTests):
+    pass
+
+
+@pytest.mark.integration
+class TestECOChatModelIntegration(_Capabilities, ChatModelIntegrationTests):
+    pass
