@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from eco_guard.classifier_training import TrainingSettings
 from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError
 
@@ -99,7 +100,7 @@ class ClassifierConfig(_Strict):
     encoder: str = "default"
     path: Path = Path("classifier")
     negatives: list[DataSource] = Field(default_factory=list)
-    training: dict[str, Any] = Field(default_factory=dict)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
 class SelectionConfig(_Strict):
