@@ -1,0 +1,121 @@
+"""Reading prompt files (JSONL or CSV) for the classifier, and hashing training data.
+
+Every malformed row is reported as ``file:line: what is wrong``.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "p.jsonl"
+    >>> _ = f.write_text('{"text": "Who is Yoda?", "split": "train"}\\n{"text": "Hi", "split": "dev"}\\n')
+    >>> read_prompts(f, split="train")
+    ['Who is Yoda?']
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from eco_guard.errors import DataError
+
+__all__ = ["data_hash", "read_prompts", "read_rows"]
+
+_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def read_prompts(source: Any, *, split: str | None = None) -> list[str]:
+    """The ``text`` of every row of a JSONL or CSV file, optionally only one split.
+
+    Args:
+        source: a ``DataSource`` (``.path``, ``.split``), or a path.
+        split: keep rows whose ``split`` field equals it (overrides the source's own split).
+
+    Raises:
+        DataError: missing file, unknown type, or a malformed row (names file and line).
+    """
+    return [row["text"] for row in read_rows(source, split=split)]
+
+
+def read_rows(source: Any, *, split: str | None = None) -> list[dict[str, Any]]:
+    """Every row of a JSONL or CSV prompt file as a dict with a non-empty ``text``.
+
+    Each row also gets ``_file`` and ``_line`` (where it came from) for error messages.
+    """
+    path = Path(getattr(source, "path", source))
+    split = split if split is not None else getattr(source, "split", None)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        rows = list(_jsonl_rows(path))
+    elif suffix == ".csv":
+        rows = list(_csv_rows(path))
+    else:
+        raise DataError(f"{path}: unsupported data file type {suffix!r} (use .jsonl or .csv)")
+    for row in rows:
+        _check_row(row, split)
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def _jsonl_rows(path: Path) -> Any:
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{line_no}: not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object with a 'text' field, got {type(row).__name__}")
+        yield {**row, "_file": str(path), "_line": line_no}
+
+
+def _csv_rows(path: Path) -> Any:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line_no = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not valid UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if not reader.fieldnames or "text" not in reader.fieldnames:
+            raise DataError(f"{path}:1: no 'text' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} cells, "
+                                f"but the header has {len(reader.fieldnames)} columns")
+            yield {**row, "_file": str(path), "_line": reader.line_num}
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+
+
+def _check_row(row: dict[str, Any], split: str | None) -> None:
+    where = f"{row['_file']}:{row['_line']}"
+    text = row.get("text")
+    if text is None:
+        raise DataError(f"{where}: missing 'text' field")
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+    if split is not None and "split" not in row:
+        raise DataError(f"{where}: no 'split' field, but split {split!r} was asked for")
+
+
+def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str]) -> str:
+    """SHA-256 of the training prompts (topic order and prompt order included).
+
+    Example:
+        >>> data_hash({"a": ["x"]}, ["y"]) == data_hash({"a": ["x"]}, ["y"])
+        True
+    """
+    blob = json.dumps({"positives": {t: list(p) for t, p in positives.items()}, "negatives": list(negatives)},
+                      ensure_ascii=False, sort_keys=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

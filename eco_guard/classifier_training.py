@@ -1,0 +1,291 @@
+"""Training and calibration of the prompt classifier (used by :mod:`eco_guard.classifier`).
+
+``fit`` splits the data (negatives: train / calibration; positives: train / hold-out),
+augments the training part, fits the head on frozen embeddings, then (by default)
+fine-tunes encoder and head together. ``calibrate`` turns held-out negative scores into
+per-topic thresholds by split-conformal quantiles.
+
+Example:
+    >>> conformal_threshold([0.1, 0.2, 0.3, 0.4], max_fpr=0.25) > 0.4
+    True
+    >>> conformal_threshold([i / 100 for i in range(99)], max_fpr=0.05) > 0.93
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+from tqdm.auto import tqdm
+
+from eco_guard.augment import Augmenter, distinctive_names
+from eco_guard.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from eco_guard.classifier import _Batcher, _Net
+
+__all__ = ["FitResult", "TrainingSettings", "calibrate", "conformal_threshold", "fit"]
+
+_NEGATIVE_GROUP = "\x00negatives"
+_HEAD_FIT_LR = 0.02  # full-batch Adam on fixed embeddings: a convex problem, a large step is safe
+_HEAD_FIT_L2 = 1e-4
+_MAX_GRAD_NORM = 1.0
+
+
+class TrainingSettings(BaseModel):
+    """How the classifier is trained (``classifier.training`` in the YAML config).
+
+    Example:
+        >>> TrainingSettings.parse({"epochs": 2}).epochs
+        2
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finetune_encoder: bool = Field(True, description="fine-tune the encoder; False trains only the head")
+    freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed while fine-tuning "
+                                    "(a third of the cost; keeps rare and misspelt sub-words where pre-training put them)")
+    epochs: int = Field(3, ge=0, le=100, description="fine-tuning passes over the augmented training set")
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="encoder learning rate (AdamW)")
+    head_learning_rate: float = Field(2e-3, gt=0, le=10, description="head learning rate")
+    head_steps: int = Field(300, ge=0, le=100_000, description="full-batch steps fitting the head on frozen embeddings")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    augment: bool = Field(True, description="add evasive variants (typos, wrappers, burying, code, names)")
+    augment_copies: int = Field(2, ge=0, le=50, description="variants per training prompt")
+    calibration_fraction: float = Field(0.3, gt=0, lt=1, description="negatives held out to calibrate thresholds")
+    positive_holdout_fraction: float = Field(0.15, ge=0, lt=1, description="positives held out to report the FNR")
+    min_threshold: float = Field(0.0, ge=0, le=1, description="floor under calibrated thresholds")
+    window_tokens: int = Field(128, ge=8, le=512, description="tokens per scoring window (special tokens included)")
+    window_stride: int = Field(64, ge=1, le=512, description="tokens between window starts")
+    quantize: bool = Field(True, description="int8 dynamic quantisation of the encoder for CPU inference")
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | None, *, where: str = "classifier.training") -> TrainingSettings:
+        """Validate a mapping; errors name the key (``ConfigError``)."""
+        try:
+            settings = cls.model_validate(dict(values or {}))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(cls.model_fields)
+                raise ConfigError(f"{where}.{key}: unknown training setting (known: {known})") from None
+            raise ConfigError(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        if settings.window_stride > settings.window_tokens:
+            raise ConfigError(f"{where}.window_stride: {settings.window_stride} exceeds window_tokens "
+                              f"{settings.window_tokens}; windows would skip text")
+        return settings
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` leaves for calibration and the metadata."""
+
+    seconds: float
+    calibration_negatives: list[str]
+    holdout_positives: dict[str, list[str]]
+    losses: list[float] = field(default_factory=list)
+    n_examples: int = 0
+
+
+def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
+        s: TrainingSettings, *, progress: bool = True) -> FitResult:
+    """Train ``net`` in place. Returns the held-out data and training statistics."""
+    start = time.perf_counter()
+    _seed(s.seed)
+    rng = random.Random(s.seed)
+    train_pos, holdout_pos = _split_positives(positives, s.positive_holdout_fraction, rng)
+    train_neg, cal_neg = _split(list(dict.fromkeys(negatives)), s.calibration_fraction, rng)
+    if not train_neg or not cal_neg:
+        raise DataError(f"need negatives for both training and calibration, got {len(negatives)} "
+                        f"(calibration_fraction {s.calibration_fraction})")
+    texts, labels = _examples(train_pos, train_neg, s, list(positives))
+    ids = batcher.token_ids(texts)
+    y = torch.tensor(labels, dtype=torch.float32)
+    _fit_head(net, batcher, ids, y, s, progress)
+    losses = _finetune(net, batcher, ids, y, s, progress) if s.finetune_encoder and s.epochs else []
+    net.eval()
+    return FitResult(time.perf_counter() - start, cal_neg, holdout_pos, losses, len(texts))
+
+
+def _split(items: list[str], fraction: float, rng: random.Random) -> tuple[list[str], list[str]]:
+    shuffled = items[:]
+    rng.shuffle(shuffled)
+    n_held = round(len(shuffled) * fraction)
+    return shuffled[n_held:], shuffled[:n_held]
+
+
+def _split_positives(positives: Mapping[str, Sequence[str]], fraction: float,
+                     rng: random.Random) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    train, held = {}, {}
+    for topic, prompts in positives.items():
+        unique = list(dict.fromkeys(prompts))
+        if not unique:
+            raise DataError(f"topic {topic!r} has no training prompts (check its data files and split)")
+        train[topic], held[topic] = _split(unique, fraction, rng) if len(unique) > 1 else (unique, [])
+    return train, held
+
+
+def _examples(train_pos: Mapping[str, list[str]], train_neg: list[str], s: TrainingSettings,
+              topics: list[str]) -> tuple[list[str], list[list[float]]]:
+    """Texts with multi-hot labels: originals, then (if enabled) their augmented variants."""
+    labels: dict[str, list[float]] = {t: [0.0] * len(topics) for t in train_neg}
+    group: dict[str, str] = {t: _NEGATIVE_GROUP for t in train_neg}
+    for i, topic in enumerate(topics):
+        for text in train_pos[topic]:
+            labels.setdefault(text, [0.0] * len(topics))[i] = 1.0  # a positive wins over a negative duplicate
+            group[text] = topic
+    texts = list(labels)
+    if s.augment and s.augment_copies:
+        names = distinctive_names({**train_pos, _NEGATIVE_GROUP: train_neg})
+        aug = Augmenter(train_neg, seed=s.seed)
+        for text in list(texts):
+            for variant in aug.variants(text, s.augment_copies, names=names[group[text]]):
+                texts.append(variant)
+                labels[variant] = labels[text] if variant not in labels else labels[variant]
+    return texts, [labels[t] for t in texts]
+
+
+def _fit_head(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tensor, s: TrainingSettings,
+              progress: bool) -> None:
+    """Logistic regression of the head on frozen embeddings: the frozen model, or a warm start."""
+    net.eval()
+    chunks = []
+    with torch.inference_mode():
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for b in tqdm(range(0, len(order), 64), desc="embedding", disable=not progress, leave=False):
+            idx = order[b:b + 64]
+            chunks.append((idx, net.embed(*batcher.pad([ids[i] for i in idx]))))
+    emb = torch.empty((len(ids), chunks[0][1].shape[1]))
+    for idx, e in chunks:
+        emb[idx] = e
+    head = net.head
+    opt = torch.optim.Adam(head.parameters(), lr=_HEAD_FIT_LR)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for _ in range(s.head_steps):
+        opt.zero_grad()
+        loss = loss_fn(head(emb), y) + _HEAD_FIT_L2 * head.weight.pow(2).sum()
+        loss.backward()
+        opt.step()
+
+
+def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tensor, s: TrainingSettings,
+              progress: bool) -> list[float]:
+    """End-to-end AdamW with linear warm-up and decay; batches grouped by length to cut padding."""
+    frozen = set()
+    if s.freeze_embeddings:
+        frozen = {id(p) for p in net.transformer.get_input_embeddings().parameters()}
+    encoder_params = [p for p in net.transformer.parameters() if id(p) not in frozen]
+    for p in net.transformer.get_input_embeddings().parameters():
+        p.requires_grad_(not s.freeze_embeddings)
+    groups = [
+        {"params": encoder_params, "lr": s.learning_rate, "weight_decay": s.weight_decay},
+        {"params": list(net.head.parameters()), "lr": s.head_learning_rate, "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups)
+    rng = random.Random(s.seed + 1)
+    batches_per_epoch = math.ceil(len(ids) / s.batch_size)
+    total = batches_per_epoch * s.epochs
+    warmup = max(1, int(total * s.warmup_fraction))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / warmup, max(0.0, (total - k) / (total - warmup + 1))))
+    loss_fn = nn.BCEWithLogitsLoss()
+    losses: list[float] = []
+    net.train()
+    bar = tqdm(total=total, desc="fine-tuning classifier", disable=not progress)
+    for _ in range(s.epochs):
+        epoch_loss = 0.0
+        for idx in _length_batches(ids, s.batch_size, rng):
+            loss = loss_fn(net(*batcher.pad([ids[i] for i in idx])), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(net.parameters(), _MAX_GRAD_NORM)
+            opt.step()
+            sched.step()
+            epoch_loss += loss.item() * len(idx)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        losses.append(epoch_loss / len(ids))
+    bar.close()
+    net.eval()
+    return losses
+
+
+def _length_batches(ids: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, sort within pools of 16 batches by length, shuffle the batches."""
+    order = list(range(len(ids)))
+    rng.shuffle(order)
+    pool = batch_size * 16
+    batches = []
+    for p in range(0, len(order), pool):
+        chunk = sorted(order[p:p + pool], key=lambda i: len(ids[i]))
+        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def conformal_threshold(negative_scores: Sequence[float], max_fpr: float) -> float:
+    """Smallest threshold that keeps the false-positive rate of new negatives at most ``max_fpr``.
+
+    Split-conformal: with ``n`` held-out negative scores, flag a score above the
+    ``k = ceil((n + 1)(1 - max_fpr))``-th smallest; for a new negative exchangeable with
+    them, P(flagged) <= max_fpr. A prompt is flagged when ``score >= threshold``, so the
+    returned threshold is the next float above that order statistic.
+    """
+    n = len(negative_scores)
+    if n == 0:
+        raise DataError("no calibration negatives: cannot calibrate a threshold")
+    ordered = sorted(float(v) for v in negative_scores)
+    k = math.ceil((n + 1) * (1 - max_fpr))
+    if k > n:
+        warnings.warn(f"{n} calibration negatives are too few to guarantee a false-positive rate of {max_fpr} "
+                      f"(need {math.ceil(1 / max_fpr) - 1}); using the largest score", stacklevel=2)
+        k = n
+    return float(np.nextafter(ordered[k - 1], np.inf))
+
+
+def calibrate(scores: Mapping[str, Mapping[str, Sequence[float]]], targets: Mapping[str, float],
+              fixed: Mapping[str, float], *, min_threshold: float = 0.0) -> tuple[dict[str, float], dict[str, Any]]:
+    """Thresholds per topic, and a report with the calibration FPR and hold-out FNR at each.
+
+    Args:
+        scores: ``{"negatives": {topic: [...]}, "positives": {topic: [...]}}`` held-out scores.
+        targets: max false-positive rate per topic.
+        fixed: thresholds that override calibration.
+        min_threshold: floor under calibrated thresholds.
+    """
+    thresholds: dict[str, float] = {}
+    report: dict[str, Any] = {}
+    for topic, target in targets.items():
+        neg = np.asarray(scores["negatives"][topic], dtype=np.float64)
+        pos = np.asarray(scores.get("positives", {}).get(topic, []), dtype=np.float64)
+        if topic in fixed:
+            thr, source = float(fixed[topic]), "fixed"
+        else:
+            thr, source = max(conformal_threshold(neg, target), min_threshold), "calibrated"
+        thresholds[topic] = thr
+        report[topic] = {
+            "threshold": thr, "source": source, "target_fpr": target, "n_negatives": int(neg.size),
+            "calibration_fpr": float((neg >= thr).mean()),
+            "n_holdout_positives": int(pos.size),
+            "holdout_fnr": float((pos < thr).mean()) if pos.size else None,
+        }
+    return thresholds, report
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

