@@ -26,7 +26,7 @@ from eco_guard.backends.local import (
 from eco_guard.classifier import Classification, PromptClassifier
 from eco_guard.config import GuardConfig, TopicConfig, load_config
 from eco_guard.errors import ClassifierError, EcoGuardError, InputError
-from eco_guard.selection import find_spans, select_mask
+from eco_guard.selection import find_spans, select_mask, token_mask
 
 __all__ = ["BLOCKED_REPLY", "Decision", "Guard", "GuardRequest", "GuardResult", "Route"]
 
@@ -226,6 +226,12 @@ class Guard:
 
     def _plan(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
         mask = select_mask(prompt.text, prompt.offsets, spans, topic.selection)
+        if not any(mask):
+            # A flagged prompt must never go out uncorrupted: no keyword in it (an indirect
+            # reference) -> corrupt the whole span; span not found -> every non-special token.
+            mask = token_mask(prompt.offsets, spans or [(0, len(prompt.text))])
+            special = set(self.backend.tokenizer.all_special_ids)
+            mask = [m and t not in special for m, t in zip(mask, prompt.input_ids)]
         return CorruptionPlan(topic.corruption, tuple(mask), prompt.text)
 
     def render(self, request: GuardRequest) -> list[Message]:

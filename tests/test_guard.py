@@ -185,3 +185,10 @@ def test_real_guard_routes_demo_prompts(demo_guard):
     unguarded = demo_guard.backend.generate([demo_guard.backend.prepare([{"role": "user", "content": "Who wrote the Harry Potter books?"}])],
                                             None, GenerationParams(max_new_tokens=24))[0]
     assert "rowling" in unguarded.text.lower()  # the model knows it: the guard made the difference
+
+
+def test_flagged_prompt_without_the_keyword_is_still_corrupted(tiny_backend):
+    guard = make_guard(tiny_backend, selection="{mode: keywords, keywords: [Hogwarts]}")
+    routed = guard.route(GuardRequest.of("Which wizard founded the school?"))  # flagged, but no keyword
+    assert routed.decision.flagged
+    assert list(routed.plan.mask) == token_mask(routed.prompt.offsets, routed.prompt.user_spans)
