@@ -160,11 +160,13 @@ class PromptClassifier:
         return clf
 
     @classmethod
-    def from_config(cls, cfg: GuardConfig, *, train_if_missing: bool = True, progress: bool = True) -> PromptClassifier:
+    def from_config(cls, cfg: GuardConfig, *, train_if_missing: bool = True, progress: bool = True,
+                    retrain: bool = False) -> PromptClassifier:
         """Load the classifier at ``cfg.classifier.path``, or train and save it there if missing or stale.
 
         Stale means the training data, settings, encoder or topics changed (compared by
         hash). A changed false-positive target or fixed threshold only recalibrates.
+        ``retrain`` trains (and saves) even when the saved classifier is up to date.
 
         Raises:
             ClassifierError: no usable classifier and ``train_if_missing`` is False.
@@ -178,7 +180,7 @@ class PromptClassifier:
         expected = {"data_hash": data_hash(positives, negatives), "settings": settings.model_dump(),
                     "encoder": cfg.classifier.encoder, "topics": list(positives)}
         path = Path(cfg.classifier.path)
-        if (path / _CONFIG_FILE).is_file():
+        if (path / _CONFIG_FILE).is_file() and not retrain:
             clf = cls.from_pretrained(path)
             stale = [k for k, v in expected.items() if clf.metadata.get(k) != v]
             if not stale or (not train_if_missing and clf.topics == expected["topics"]):

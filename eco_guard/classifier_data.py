@@ -45,8 +45,10 @@ def read_rows(source: Any, *, split: str | None = None) -> list[dict[str, Any]]:
 
     Each row also gets ``_file`` and ``_line`` (where it came from) for error messages.
     """
-    path = Path(getattr(source, "path", source))
-    split = split if split is not None else getattr(source, "split", None)
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+    else:  # a DataSource
+        path, split = Path(source.path), split if split is not None else source.split
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     suffix = path.suffix.lower()

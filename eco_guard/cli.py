@@ -73,12 +73,94 @@ def _add_demo(subparsers: Any) -> None:
     sp.set_defaults(func=_run_demo)
 
 
+# ---------------------------------------------------------------- classifier
+
+def _run_train(args: argparse.Namespace) -> int:
+    from eco_guard.classifier import PromptClassifier
+    from eco_guard.config import load_config
+
+    cfg = load_config(args.config)
+    started = time.perf_counter()
+    clf = PromptClassifier.from_config(cfg, retrain=True, progress=not args.quiet)
+    print(f"trained in {time.perf_counter() - started:.0f} s; saved to {cfg.classifier.path}")
+    for topic, c in clf.metadata["calibration"].items():
+        fnr = "n/a" if c["holdout_fnr"] is None else f"{100 * c['holdout_fnr']:.1f}%"
+        print(f"  {topic}: threshold {c['threshold']:.4g} ({c['source']}, target FPR {c['target_fpr']:g}); "
+              f"calibration FPR {100 * c['calibration_fpr']:.1f}% on {c['n_negatives']} held-out negatives; "
+              f"FNR {fnr} on {c['n_holdout_positives']} held-out positives")
+    return 0
+
+
+def _add_train(subparsers: Any) -> None:
+    sp = subparsers.add_parser("train", help="train and calibrate the prompt classifier of a config")
+    sp.add_argument("config", help="YAML config; the classifier is written to its classifier.path")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=_run_train)
+
+
+def _run_classify(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from eco_guard.classifier import PromptClassifier, read_rows
+    from eco_guard.config import load_config
+
+    clf = PromptClassifier.from_config(load_config(args.config), progress=True)
+    texts = [row["text"] for row in read_rows(args.input)]
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        for start in tqdm(range(0, len(texts), args.batch_size), desc="classifying", disable=not args.output):
+            batch = texts[start:start + args.batch_size]
+            for text, v in zip(batch, clf.classify(batch)):
+                line = {"text": text, "flagged": v.flagged, "topic": v.topic, "score": v.score, "scores": v.scores}
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _add_classify(subparsers: Any) -> None:
+    sp = subparsers.add_parser("classify", help="score the prompts of a JSONL/CSV file (a 'text' field per row)")
+    sp.add_argument("config", help="YAML config (trains the classifier first if it is missing)")
+    sp.add_argument("input", help="JSONL or CSV with a 'text' field")
+    sp.add_argument("-o", "--output", help="output JSONL (default: stdout)")
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.set_defaults(func=_run_classify)
+
+
+def _run_eval_classifier(args: argparse.Namespace) -> int:
+    from eco_guard.classifier import PromptClassifier
+    from eco_guard.config import load_config
+    from eco_guard.eval.classifier_report import evaluate, load_eval_rows, to_markdown, write_report
+
+    clf = PromptClassifier.from_config(load_config(args.config), progress=True)
+    report = evaluate(clf, load_eval_rows(args.data, clf.topics))
+    paths = write_report(report, args.out)
+    print(to_markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _add_eval_classifier(subparsers: Any) -> None:
+    sp = subparsers.add_parser("eval-classifier", help="FNR/FPR per topic and per style/kind/split, with plots")
+    sp.add_argument("config", help="YAML config")
+    sp.add_argument("data", nargs="+", help="labelled JSONL/CSV: a 'topic' field, or 'label' 0/1 "
+                    "(1: the topic named in the file's path)")
+    sp.add_argument("--out", default="classifier-eval", help="folder for the report (.json, .md, .png)")
+    sp.set_defaults(func=_run_eval_classifier)
+
+
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eco-guard", description="Unlearning guardrail by embedding-corrupted prompts.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
+    _add_train(subparsers)
+    _add_classify(subparsers)
+    _add_eval_classifier(subparsers)
     return parser
 
 
