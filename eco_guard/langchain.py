@@ -366,7 +366,11 @@ class ECOChatModel(BaseChatModel):
 
     @property
     def model_name(self) -> str:
-        return f"eco-guard/{self.guard.backend.name}"
+        # From the config alone: naming the model must not load it (LangChain reads this eagerly).
+        from eco_guard.backends.local import model_display_name
+        from eco_guard.config import load_config
+
+        return f"eco-guard/{model_display_name(load_config(self.config).model.path)}"
 
     @property
     def _llm_type(self) -> str:

@@ -115,6 +115,11 @@ def resolve_model_dir(path: str | os.PathLike[str] = "default", cache_dir: Path 
     return target
 
 
+def model_display_name(path: str | os.PathLike[str]) -> str:
+    """A short model name for metadata: the default's name, else the folder or file stem."""
+    return "SmolLM2-135M-Instruct" if str(path) == "default" else Path(path).stem
+
+
 # ---------------------------------------------------------------- value types
 
 @dataclass(frozen=True)
@@ -271,7 +276,7 @@ class LocalBackend:
                 _LOADED[key] = (model.eval(), tokenizer)
             model, tokenizer = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens)
-        backend.name = "SmolLM2-135M-Instruct" if str(path) == "default" else Path(path).name
+        backend.name = model_display_name(path)
         return backend
 
     @property
