@@ -46,6 +46,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from eco_guard.config import default_config_path
 from eco_guard.guard import BLOCKED_REPLY, Decision, Guard, GuardRequest, GuardResult
 from eco_guard.errors import InputError
 
@@ -62,7 +63,7 @@ _GUARDS_LOCK = threading.Lock()
 
 def shared_guard(config: str | os.PathLike[str] | None = None) -> Guard:
     """One guard per config file per process (loading the model and classifier once)."""
-    key = str(Path(config).resolve()) if config is not None else "<default>"
+    key = str(Path(config if config is not None else default_config_path()).resolve())
     with _GUARDS_LOCK:
         if key not in _GUARDS:
             _GUARDS[key] = Guard.from_config(config)
@@ -350,7 +351,10 @@ class ECOChatModel(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
 
-    config: str | None = Field(None, description="YAML config path; None: the embedded demo config")
+    config: str | None = Field(
+        default_factory=lambda: os.environ.get("ECO_GUARD_CONFIG") or None,
+        description="YAML config path; default $ECO_GUARD_CONFIG, else the embedded demo config",
+    )
     max_tokens: int | None = Field(None, alias="max_new_tokens", description="max new tokens per reply")
     temperature: float | None = None
     top_p: float | None = None
@@ -383,7 +387,7 @@ class ECOChatModel(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "eco_guard"
-        params["ls_model_name"] = "eco-guard"
+        params["ls_model_name"] = kwargs.get("model") or self.model_name
         if self.max_tokens is not None:
             params["ls_max_tokens"] = self.max_tokens
         if self.temperature is not None:

@@ -10,9 +10,10 @@ import pytest
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
+from eco_guard.config import default_config_path
 from eco_guard.langchain import ECOChatModel
 
-PARAMS = {"max_tokens": 12}
+MAX_TOKENS = 12  # short replies keep the real-model suite to a few minutes on 2 cores
 
 
 class _Capabilities:
@@ -22,7 +23,11 @@ class _Capabilities:
 
     @property
     def chat_model_params(self) -> dict:
-        return dict(PARAMS)
+        return {}
+
+    @property
+    def standard_chat_model_params(self) -> dict:
+        return {**super().standard_chat_model_params, "max_tokens": MAX_TOKENS}
 
     @property
     def has_tool_calling(self) -> bool:
@@ -46,7 +51,10 @@ class _Capabilities:
 
 
 class TestECOChatModelUnit(_Capabilities, ChatModelUnitTests):
-    pass
+    @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        path = str(default_config_path())
+        return {"ECO_GUARD_CONFIG": path}, {}, {"config": path}
 
 
 @pytest.mark.integration
