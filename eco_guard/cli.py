@@ -50,9 +50,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         d = routed.decision
         if routed.plan is not None:
             eco = guard.backend.generate([routed.prompt], [routed.plan], params)[0].text
-            tokens = guard.backend.tokenizer.convert_ids_to_tokens(
-                [t for t, m in zip(routed.prompt.input_ids, routed.plan.mask) if m])
-            note = f"[{d.topic} p={d.score:.2f}; corrupted {d.corrupted_tokens}: {' '.join(tokens)}]"
+            decode = guard.backend.tokenizer.decode
+            tokens = [decode([t]).strip() for t, m in zip(routed.prompt.input_ids, routed.plan.mask) if m]
+            note = f"[{d.topic} p={d.score:.2f}; corrupted {d.corrupted_tokens}: {'|'.join(tokens)}]"
         else:
             eco = plain
             note = f"[not flagged, p={d.score:.2f}: plain generation]"
