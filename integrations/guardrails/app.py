@@ -25,6 +25,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Final
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,21 +43,24 @@ from langchain_core.prompt_values import PromptValue  # noqa: E402
 from langchain_core.runnables import Runnable, RunnableLambda  # noqa: E402
 from pydantic import ConfigDict, Field  # noqa: E402
 
+from eco_guard.config import load_config  # noqa: E402
 from eco_guard.guard import BLOCKED_REPLY, Decision, Guard  # noqa: E402
 from eco_guard.langchain import ECOChatModel, ECOGuard, shared_guard, to_request  # noqa: E402
 
 MAX_NEW_TOKENS: Final = 48
 PLAIN_MODEL_NAME: Final = "local-plain"
 DEMO_PROMPTS: Final = (
-    "My email is jane.doe@example.com and my phone is +1 415-555-0132. Who wrote the Harry Potter books?",
-    "Card 4111 1111 1111 1111 was charged twice. What is the capital of France?",
+    "I'm jane.doe@example.com, +1 415-555-0132. Who is the author of the Harry Potter series?",
+    "My card 4111 1111 1111 1111 was declined in Paris. What is the capital of France?",
 )
 
 # ---------------------------------------------------------------- 1. PII redaction (LCEL)
 
 EMAIL_PATTERN: Final = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"
 CARD_PATTERN: Final = r"\b(?:\d[ -]?){12,18}\d\b"  # 13-19 digits, optionally grouped
-PHONE_PATTERN: Final = r"(?<![\w@])\+?\d{1,3}?[ .-]?\(?\d{2,4}\)?(?:[ .-]?\d{2,4}){2,3}\b"
+PHONE_PATTERN: Final = (  # optional country code, optional (area), then 2-3 more digit groups; not ISO dates
+    r"(?<![\w@+(])(?!\d{4}-\d{2}-\d{2}\b)(?:\+?\d{1,3}[ .-]?)?\(?\d{2,4}\)?(?:[ .-]?\d{2,4}){2,3}\b"
+)
 _PII: Final = (  # order matters: cards before phones (a card looks like a long phone number)
     ("EMAIL", re.compile(EMAIL_PATTERN)),
     ("CARD", re.compile(CARD_PATTERN)),
@@ -95,10 +99,15 @@ def _redact_message(message: BaseMessage) -> BaseMessage:
     return message
 
 
+def build_pii_guard(guard: Guard, **generation: Any) -> Runnable:
+    """``redact_pii | ECOGuard``: replies are ``AIMessage``s carrying the decision."""
+    generation.setdefault("max_new_tokens", MAX_NEW_TOKENS)
+    return RunnableLambda(redact_pii, name="pii_redaction") | ECOGuard(guard, **generation)
+
+
 def build_pii_chain(guard: Guard, **generation: Any) -> Runnable:
     """``redact_pii | ECOGuard | StrOutputParser``: the guard never sees the personal data."""
-    generation.setdefault("max_new_tokens", MAX_NEW_TOKENS)
-    return RunnableLambda(redact_pii, name="pii_redaction") | ECOGuard(guard, **generation) | StrOutputParser()
+    return build_pii_guard(guard, **generation) | StrOutputParser()
 
 
 # ---------------------------------------------------------------- 2. agent middleware
@@ -135,6 +144,17 @@ class LocalChatModel(BaseChatModel):
         return self._result((await self.guard.backend.agenerate([prompt], [None], params))[0])
 
 
+def corrupted_chat_model(guard: Guard, max_new_tokens: int = MAX_NEW_TOKENS) -> ECOChatModel:
+    """``ECOChatModel`` over the config file ``guard`` was built from (the embedded demo: no file).
+
+    ``ECOChatModel`` loads its engine through ``shared_guard``, so with ``guard = shared_guard(path)``
+    both share one model and one classifier.
+    """
+    source = guard.config.source
+    embedded = source is None or Path(source).resolve() == Path(load_config(None).source).resolve()
+    return ECOChatModel(config=None if embedded else str(source), max_new_tokens=max_new_tokens)
+
+
 class ECORoutingMiddleware(AgentMiddleware):
     """Route flagged model calls to the corrupted backend; let the others through to the agent's model.
 
@@ -142,13 +162,13 @@ class ECORoutingMiddleware(AgentMiddleware):
 
     Args:
         guard: the engine whose classifier judges the last user message.
-        corrupted_model: answers flagged calls; default ``ECOChatModel`` over the same config.
+        corrupted_model: answers flagged calls; default ``ECOChatModel`` over the guard's config file.
     """
 
     def __init__(self, guard: Guard, corrupted_model: BaseChatModel | None = None):
         super().__init__()
         self.guard = guard
-        self.corrupted_model = corrupted_model or ECOChatModel(max_new_tokens=MAX_NEW_TOKENS)
+        self.corrupted_model = corrupted_model or corrupted_chat_model(guard)
 
     def judge(self, messages: list[BaseMessage]) -> Decision:
         """The guard's decision for the conversation's last user message."""
@@ -196,7 +216,7 @@ def build_agent(guard: Guard, *, normal_model: BaseChatModel | None = None,
                 corrupted_model: BaseChatModel | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> Any:
     """A tool-less agent: built-in PII middleware, then eco-guard routing, over a local model."""
     normal_model = normal_model or LocalChatModel(guard=guard, max_tokens=max_new_tokens)
-    corrupted_model = corrupted_model or ECOChatModel(max_new_tokens=max_new_tokens)
+    corrupted_model = corrupted_model or corrupted_chat_model(guard, max_new_tokens)
     middleware = [
         PIIMiddleware("email", strategy="redact", apply_to_input=True),
         PIIMiddleware("credit_card", strategy="redact", apply_to_input=True),
@@ -208,6 +228,12 @@ def build_agent(guard: Guard, *, normal_model: BaseChatModel | None = None,
 
 # ---------------------------------------------------------------- command line
 
+def _decision_line(reply: AIMessage) -> str:
+    d = reply.response_metadata["eco_guard"]
+    model = reply.response_metadata.get("model_name", "?")
+    return f"route={d['route']} topic={d['topic']} score={d['score']:.3f} model={model}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="*", help="prompts (default: two demo prompts with PII)")
@@ -215,17 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     guard = shared_guard(None)  # the embedded demo config; ECOChatModel() shares this guard
-    chain = build_pii_chain(guard, max_new_tokens=args.max_new_tokens)
+    chain = build_pii_guard(guard, max_new_tokens=args.max_new_tokens)
     agent = build_agent(guard, max_new_tokens=args.max_new_tokens)
     for prompt in args.prompts or DEMO_PROMPTS:
         print(f"prompt:        {prompt}")
         print(f"redacted:      {redact_text(prompt)}")
-        print(f"LCEL chain:    {chain.invoke(prompt).strip()}")
-        reply = agent.invoke({"messages": [HumanMessage(prompt)]})["messages"][-1]
-        d = reply.response_metadata["eco_guard"]
-        print(f"agent model:   {reply.response_metadata.get('model_name')} (route={d['route']}, "
-              f"topic={d['topic']}, score={d['score']:.3f})")
-        print(f"agent reply:   {reply.content.strip()}")
+        reply = chain.invoke(prompt)
+        print(f"LCEL chain:    {_decision_line(reply)}")
+        print(f"               {reply.content.strip()}")
+        state = agent.invoke({"messages": [HumanMessage(prompt)]})
+        reply = state["messages"][-1]
+        print(f"agent input:   {state['messages'][0].content}")
+        print(f"agent:         {_decision_line(reply)}")
+        print(f"               {reply.content.strip()}")
         print()
     return 0
 
