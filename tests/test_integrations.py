@@ -68,6 +68,23 @@ def test_redact_text(guardrails, text, expected):
     assert guardrails.redact_text(text) == expected
 
 
+# ---------------------------------------------------------------- embeddings adapter
+
+@pytest.mark.integration
+async def test_minilm_embeddings_sync_and_async_twins_agree():
+    from eco_guard.embeddings import MiniLMEmbeddings
+
+    emb = MiniLMEmbeddings()
+    texts = ["Paris is the capital of France.", "Hogwarts has four houses."]
+    docs, adocs = emb.embed_documents(texts), await emb.aembed_documents(texts)
+    query, aquery = emb.embed_query(texts[0]), await emb.aembed_query(texts[0])
+    assert len(docs) == 2 and all(len(v) == 384 for v in docs)
+    assert abs(sum(x * x for x in query) - 1.0) < 1e-4  # unit length: dot product = cosine
+    assert all(d == pytest.approx(a) for d, a in zip(docs, adocs)) and query == pytest.approx(aquery)
+    assert query == pytest.approx(docs[0], abs=1e-5)
+    assert emb.embed_documents([]) == []
+
+
 # ---------------------------------------------------------------- RAG app
 
 @pytest.mark.integration
