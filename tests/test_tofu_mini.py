@@ -252,3 +252,18 @@ def test_measure_returns_per_item_lists(tiny):
     assert len(raw["answer"]) == len(raw["paraphrase"]) == len(raw["replies"]) == 2
     assert [len(p) for p in raw["perturbed"]] == [fixture.N_PERTURBED] * 2
     assert all(x > 0 for x in raw["answer"])  # NLLs of a random model
+
+
+def test_answer_corruption_changes_only_answers_that_name_the_author(tiny):
+    import scoring
+    from eco_guard.corruption import CorruptionSpec
+
+    model, tokenizer = tiny
+    item = fixture.load_qa(["forget"])[0]
+    options = [item.paraphrase, "Tromsø, in the far north."]  # the second one does not name the author
+    corrupt_answer = scoring.keyword_answer_corruptor(CorruptionSpec(strength=30.0), [item.author])
+    clean = tofu.option_nlls(model, tokenizer, item, options)
+    identity = tofu.option_nlls(model, tokenizer, item, options, corrupt_answer=lambda e, *_: e)
+    noisy = tofu.option_nlls(model, tokenizer, item, options, corrupt_answer=corrupt_answer)
+    assert torch.allclose(clean, identity, atol=1e-5)  # embeddings path == ids path
+    assert not torch.isclose(clean[0], noisy[0]) and torch.isclose(clean[1], noisy[1], atol=1e-5)

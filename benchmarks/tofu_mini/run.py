@@ -33,7 +33,9 @@ HERE: Final = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import finetune  # noqa: E402
 from scoring import (  # noqa: E402
+    ECO_CONFIG,
     eco_spec,
+    guard_corruptor,
     eval_items,
     forget_keywords,
     keyword_corruptor,
@@ -94,20 +96,77 @@ def measure_weights(name: str, items: dict) -> dict:
     return {**cached(name, _fingerprint(name, info), compute), "cost_seconds": info["seconds"]}
 
 
-def measure_eco(sigma: float, items: dict, full_raw: dict) -> dict:
-    """ECO at strength ``sigma``: forget questions corrupted; retain/general = full model."""
+def measure_eco(sigma: float, items: dict, full_raw: dict) -> dict[str, dict]:
+    """ECO at strength ``sigma`` on the full model, scored two ways.
+
+    ``prefill``: only the question's keyword tokens are corrupted, as the guard does.
+    ``paper``: the keyword tokens inside each scored answer are corrupted as well, as the
+    ECO paper's code scores TOFU (its token classifier runs over prompt + answer); replies
+    are the same (generation never corrupts generated tokens). Retain and general
+    questions are the full model's (oracle routing).
+    """
     spec, keywords = eco_spec(sigma), forget_keywords()
     info = finetune.read_info("full")
+    fingerprint = _fingerprint("eco", info, spec.model_dump(), keywords)
+    model_cache: list = []
+
+    def model_and_tokenizer():
+        if not model_cache:
+            model, tokenizer = finetune.load_model(finetune.CACHE_DIR / "full")
+            model_cache.extend([model.eval(), tokenizer])
+        return model_cache
+
+    def prefill() -> dict:
+        model, tokenizer = model_and_tokenizer()
+        return {"forget": measure(model, tokenizer, items["forget"], keyword_corruptor(spec, keywords),
+                                  desc=f"eco sigma={sigma}")}
+
+    def paper() -> dict:
+        model, tokenizer = model_and_tokenizer()
+        return {"forget": measure(model, tokenizer, items["forget"], keyword_corruptor(spec, keywords),
+                                  desc=f"eco sigma={sigma} (paper scoring)",
+                                  corrupt_answer=keyword_answer_corruptor(spec, keywords), generate=False)}
+
+    raw_prefill = cached(f"eco_sigma{sigma:g}", fingerprint, prefill)
+    raw_paper = cached(f"eco_sigma{sigma:g}_paper", fingerprint, paper)
+    shared = {"retain": full_raw["splits"]["retain"], "general": full_raw["splits"]["general"]}
+    paper_forget = {**raw_paper["forget"], "replies": raw_prefill["forget"]["replies"]}
+    return {"prefill": {"splits": {"forget": raw_prefill["forget"], **shared}},
+            "paper": {"splits": {"forget": paper_forget, **shared}},
+            "eval_seconds": raw_prefill["eval_seconds"] + raw_paper["eval_seconds"]}
+
+
+def measure_eco_guard(items: dict) -> dict:
+    """ECO through ``Guard.from_config("eco.yaml")``: its classifier decides every question
+    (forget, retain and general), its selection and corruption apply to the flagged ones.
+
+    The classifier is trained on first use; its training time is ECO's cost.
+    """
+    from eco_guard.config import load_config
+    from eco_guard.guard import Guard
+
+    config = load_config(ECO_CONFIG)
+    cost_file = config.classifier.path / "tofu_mini_train_seconds.json"
+    start = time.perf_counter()
+    guard = Guard.from_config(config, progress=True)
+    if not cost_file.exists():  # trained just now: remember how long it took
+        cost_file.write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
+    cost = json.loads(cost_file.read_text())["seconds"]
+    info = finetune.read_info("full")
+    fingerprint = _fingerprint("eco_guard", info, config.model_dump(mode="json"),
+                               sorted(p.name for p in config.classifier.path.iterdir()))
 
     def compute() -> dict:
-        model, tokenizer = finetune.load_model(finetune.CACHE_DIR / "full")
-        model.eval()
-        corrupt = keyword_corruptor(spec, keywords)
-        return {"forget": measure(model, tokenizer, items["forget"], corrupt, desc=f"eco sigma={sigma}")}
+        decisions: dict[str, dict] = {}
+        corrupt = guard_corruptor(guard, decisions)
+        model, tokenizer = guard.backend.model, guard.backend.tokenizer
+        splits = {split: measure(model, tokenizer, its, corrupt, desc=f"eco guard/{split}") for split, its in items.items()}
+        return {"splits": splits, "decisions": decisions}
 
-    raw = cached(f"eco_sigma{sigma:g}", _fingerprint("eco", info, spec.model_dump(), keywords), compute)
-    splits = {"forget": raw["forget"], "retain": full_raw["splits"]["retain"], "general": full_raw["splits"]["general"]}
-    return {"splits": splits, "eval_seconds": raw["eval_seconds"], "spec": spec.model_dump()}
+    raw = cached("eco_guard", fingerprint, compute)
+    flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its) for split, its in items.items()}
+    return {**raw, "cost_seconds": cost, "flagged_rate": flagged,
+            "strength": config.topics[0].corruption.strength}
 
 
 def pick_sigma(sweep: dict[float, dict]) -> float:
@@ -141,11 +200,13 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([r["model_utility"] for r in sweep_rows], [r["forget_quality"] for r in sweep_rows],
-            ":", color="tab:green", alpha=0.6, label="ECO sweep")
-    for r in sweep_rows:
-        ax.annotate(f"σ={r['sigma']:g}", (r["model_utility"], r["forget_quality"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -8), color="tab:green")
+    for key, colour, label in (("forget_quality", "tab:green", "ECO sweep (paper scoring)"),
+                               ("forget_quality_prefill", "tab:olive", "ECO sweep (prefill only)")):
+        ax.plot([r["model_utility"] for r in sweep_rows], [r[key] for r in sweep_rows], "x:", color=colour,
+                alpha=0.7, label=label)
+        for r in sweep_rows:
+            ax.annotate(f"σ={r['sigma']:g}", (r["model_utility"], r[key]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -8), color=colour)
     for r in rows:
         ax.scatter(r["model_utility"], r["forget_quality"], s=60, zorder=3)
         ax.annotate(r["method"], (r["model_utility"], r["forget_quality"]), textcoords="offset points", xytext=(5, 4))
@@ -153,6 +214,7 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
     ax.set_xlabel("model utility (retain + general)")
     ax.set_ylabel("forget quality (KS p-value vs retain model)")
     ax.set_title("tofu_mini: SmolLM2-135M-Instruct, 3 of 30 authors forgotten")
+    ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -163,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the whole benchmark; returns what ``results.json`` holds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
+    parser.add_argument("--guard", action="store_true",
+                        help="also run ECO through Guard.from_config('eco.yaml') (trains its classifier once)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(finetune.NUM_THREADS)
@@ -179,12 +243,25 @@ def main(argv: list[str] | None = None) -> dict:
             for name in WEIGHT_METHODS]
 
     sweep = {sigma: measure_eco(sigma, items, raws["full"]) for sigma in SIGMAS}
-    sweep_summary = {sigma: summarise(r["splits"], retain_forget, items) for sigma, r in sweep.items()}
+    summaries = {variant: {sigma: summarise(r[variant]["splits"], retain_forget, items) for sigma, r in sweep.items()}
+                 for variant in ("prefill", "paper")}
     sweep_cost = sum(r["eval_seconds"] for r in sweep.values())
-    sigma = pick_sigma(sweep_summary)
-    rows.append(_row(f"ECO (σ={sigma:g}, oracle routing)", sweep_summary[sigma], sweep_cost,
-                     note="no weight change; cost = the strength sweep"))
-    sweep_rows = [{"sigma": s, **{k: v for k, v in sweep_summary[s].items()}} for s in SIGMAS]
+    sigma = pick_sigma(summaries["paper"])
+    rows.append(_row(f"ECO σ={sigma:g}, paper scoring", summaries["paper"][sigma], sweep_cost,
+                     note="names corrupted in prompt and scored answers, as the ECO paper scores; oracle routing; "
+                          "no weight change, cost = the strength sweep"))
+    rows.append(_row(f"ECO σ={sigma:g}, prefill only", summaries["prefill"][sigma], sweep_cost,
+                     note="names corrupted in the prompt only, as the guard does; oracle routing"))
+    sweep_rows = [{"sigma": s, "forget_quality_prefill": summaries["prefill"][s]["forget_quality"],
+                   **summaries["paper"][s]} for s in SIGMAS]
+    guard_flagged = None
+    if args.guard:
+        guard_raw = measure_eco_guard(items)
+        guard_flagged = guard_raw["flagged_rate"]
+        rows.append(_row(f"ECO through the guard (σ={guard_raw['strength']:g})",
+                         summarise(guard_raw["splits"], retain_forget, items), guard_raw["cost_seconds"],
+                         note="cost = classifier training; flagged share per split: " + ", ".join(
+                             f"{k} {v:.0%}" for k, v in guard_flagged.items())))
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {
@@ -193,14 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
         "training": {name: finetune.read_info(name) for name in WEIGHT_METHODS},
         "eval_items": {split: len(its) for split, its in items.items()},
         "chosen_sigma": sigma,
+        "guard_flagged_rate": guard_flagged,
         "methods": rows,
     }
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (RESULTS / "sweep.json").write_text(json.dumps({"chosen_sigma": sigma, "sweep": sweep_rows}, indent=2))
     table = markdown_table(rows)
-    sweep_table = "| σ | forget quality | forget ROUGE-L | forget hit rate | model utility |\n|---|---|---|---|---|\n" + "".join(
-        f"| {r['sigma']:g} | {r['forget_quality']:.3g} | {r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | "
-        f"{r['model_utility']:.3f} |\n" for r in sweep_rows)
+    sweep_table = ("| σ | forget quality (paper scoring) | forget quality (prefill only) | forget ROUGE-L | "
+                   "forget hit rate | model utility |\n|---|---|---|---|---|---|\n") + "".join(
+        f"| {r['sigma']:g} | {r['forget_quality']:.3g} | {r['forget_quality_prefill']:.3g} | {r['forget_rouge_l']:.3f} | "
+        f"{r['forget_hit_rate']:.2f} | {r['model_utility']:.3f} |\n" for r in sweep_rows)
     (RESULTS / "results.md").write_text(
         f"Full model answers {results['full_model_accuracy_all_authors']:.1%} of the 180 author questions "
         f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}).\n\n{table}\nECO strength sweep:\n\n{sweep_table}")

@@ -36,18 +36,22 @@ def eval_items() -> dict[str, list[QAItem]]:
 
 
 def measure(model: Any, tokenizer: Any, items: Sequence[QAItem], corrupt: tofu.PromptCorruptor | None = None,
-            desc: str = "") -> dict[str, list]:
-    """Per-item NLLs and greedy replies (JSON-ready).
+            desc: str = "", corrupt_answer: tofu.AnswerCorruptor | None = None,
+            generate: bool = True) -> dict[str, list]:
+    """Per-item NLLs and (unless ``generate`` is false) greedy replies, JSON-ready.
 
     Returns:
         ``{"answer": [n], "paraphrase": [n], "perturbed": [n][k], "replies": [n]}``.
     """
-    nlls = [tofu.option_nlls(model, tokenizer, item, [item.answer, item.paraphrase, *item.perturbed], corrupt)
+    nlls = [tofu.option_nlls(model, tokenizer, item, [item.answer, item.paraphrase, *item.perturbed], corrupt,
+                             corrupt_answer)
             for item in tqdm(items, desc=f"{desc} scoring", leave=False)]
-    replies = tofu.generate_answers(model, tokenizer, items, corrupt, max_new_tokens=MAX_NEW_TOKENS)
     stacked = torch.stack(nlls)
-    return {"answer": stacked[:, 0].tolist(), "paraphrase": stacked[:, 1].tolist(),
-            "perturbed": stacked[:, 2:].tolist(), "replies": replies}
+    out = {"answer": stacked[:, 0].tolist(), "paraphrase": stacked[:, 1].tolist(),
+           "perturbed": stacked[:, 2:].tolist()}
+    if generate:
+        out["replies"] = tofu.generate_answers(model, tokenizer, items, corrupt, max_new_tokens=MAX_NEW_TOKENS)
+    return out
 
 
 def _ratios(raw: dict[str, list]) -> torch.Tensor:
@@ -115,6 +119,17 @@ def keyword_corruptor(spec: CorruptionSpec, keywords: Sequence[str]) -> tofu.Pro
 ECO_CONFIG: Final = Path(__file__).resolve().parent / "eco.yaml"
 
 
+def keyword_answer_corruptor(spec: CorruptionSpec, keywords: Sequence[str]) -> tofu.AnswerCorruptor:
+    """``spec`` on the keyword tokens inside a scored answer (the ECO paper's scoring)."""
+    def corrupt(embeds: torch.Tensor, text: str, offsets: list[tuple[int, int]], item: QAItem) -> torch.Tensor:
+        spans = keyword_spans(text, keywords, [(0, len(text))])
+        if not spans:
+            return embeds
+        return spec.apply(embeds, torch.tensor([token_mask(offsets, spans)]), keys=[text])
+
+    return corrupt
+
+
 def forget_keywords(config: Path = ECO_CONFIG) -> list[str]:
     """The keywords ``eco.yaml`` corrupts (names and titles of the forget authors)."""
     from eco_guard.config import load_config
@@ -127,3 +142,28 @@ def eco_spec(strength: float, config: Path = ECO_CONFIG) -> CorruptionSpec:
     from eco_guard.config import load_config
 
     return load_config(config).topics[0].corruption.with_strength(strength)
+
+
+# --- ECO through the guard: its classifier routes, its selection and corruption apply -------
+
+def guard_corruptor(guard: Any, decisions: dict[str, dict] | None = None) -> tofu.PromptCorruptor:
+    """A corruptor that asks ``guard`` what it would do with each question.
+
+    Unflagged questions pass unchanged (the fallback is the same model, uncorrupted);
+    flagged ones get the guard's own mask, spec and seed key. Each decision is recorded in
+    ``decisions`` (question -> decision dict) when given.
+    """
+    from eco_guard.guard import GuardRequest
+
+    def corrupt(embeds: torch.Tensor, prompt: tofu.ChatPrompt, item: QAItem) -> torch.Tensor:
+        routed = guard.route(GuardRequest.of(item.question))
+        if decisions is not None:
+            decisions[item.question] = routed.decision.to_dict()
+        if routed.plan is None or not routed.plan.n_tokens:
+            return embeds
+        if list(routed.prompt.input_ids) != prompt.ids:
+            raise ValueError("the guard renders the question differently from the benchmark's chat prompt")
+        mask = torch.tensor([list(routed.plan.mask)])
+        return routed.plan.spec.apply(embeds, mask, keys=[routed.plan.key])
+
+    return corrupt

@@ -37,6 +37,7 @@ from scipy.stats import ks_2samp
 
 __all__ = [
     "ChatPrompt",
+    "AnswerCorruptor",
     "PromptCorruptor",
     "QALike",
     "answer_nlls",
@@ -189,8 +190,14 @@ class ChatPrompt:
 
 
 PromptCorruptor = Callable[[torch.Tensor, ChatPrompt, Any], torch.Tensor]
-"""``(prompt_embeds (1, seq, dim), prompt, item) -> corrupted copy``; only the prompt is
-ever passed (ECO corrupts the prefill, never the answer)."""
+"""``(prompt_embeds (1, seq, dim), prompt, item) -> corrupted copy``: what a deployed ECO
+guard does (it corrupts the prefill, never the answer)."""
+
+AnswerCorruptor = Callable[[torch.Tensor, str, list[tuple[int, int]], Any], torch.Tensor]
+"""``(answer_embeds (1, len, dim), answer text, its token offsets, item) -> corrupted copy``.
+For teacher-forced scoring only: the ECO paper's code scores answers with its token
+classifier run over prompt + answer, so entity tokens *inside the scored answer* (an
+author's name repeated in it) are corrupted too. A guard never does this at inference."""
 
 
 def chat_prompt(tokenizer: Any, question: str) -> ChatPrompt:
@@ -212,14 +219,37 @@ def _prompt_embeds(model: Any, prompt: ChatPrompt, item: Any, corrupt: PromptCor
     return corrupt(embeds, prompt, item) if corrupt is not None else embeds
 
 
+def _answer_inputs(model: Any, tokenizer: Any, item: Any, options: Sequence[str],
+                   corrupt_answer: AnswerCorruptor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Right-padded option ids, their scored mask, and (when corrupting) their embeddings."""
+    texts = [o + tokenizer.eos_token for o in options]
+    encoded = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
+    width = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(options), width), tokenizer.pad_token_id)
+    scored = torch.zeros((len(options), width), dtype=torch.bool)
+    for row, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        ids[row, :n], scored[row, :n] = torch.tensor(e["input_ids"]), True
+    if corrupt_answer is None:
+        return ids, scored, None
+    embeds = model.get_input_embeddings()(ids)
+    rows = []
+    for row, (text, e) in enumerate(zip(texts, encoded)):
+        n = len(e["input_ids"])
+        head = corrupt_answer(embeds[row: row + 1, :n], text, [tuple(o) for o in e["offset_mapping"]], item)
+        rows.append(torch.cat([head, embeds[row: row + 1, n:]], dim=1))
+    return ids, scored, torch.cat(rows)
+
+
 @torch.no_grad()
 def option_nlls(model: Any, tokenizer: Any, item: Any, options: Sequence[str],
-                corrupt: PromptCorruptor | None = None) -> torch.Tensor:
+                corrupt: PromptCorruptor | None = None, corrupt_answer: AnswerCorruptor | None = None) -> torch.Tensor:
     """Per-token NLL of each option as the answer to ``item.question``.
 
     The (possibly corrupted) prompt runs once; its key/value cache is shared by all
     options, which are scored in one batch. The answer's end-of-turn token is scored too,
-    as in training.
+    as in training. ``corrupt_answer`` also corrupts the options' own tokens (the ECO
+    paper's scoring convention; see :data:`AnswerCorruptor`).
 
     Returns:
         ``(len(options),)`` mean NLL per answer token.
@@ -228,29 +258,25 @@ def option_nlls(model: Any, tokenizer: Any, item: Any, options: Sequence[str],
     out = model(inputs_embeds=_prompt_embeds(model, prompt, item, corrupt), use_cache=True)
     cache = out.past_key_values
     cache.batch_repeat_interleave(len(options))
-    encoded = [tokenizer(o + tokenizer.eos_token, add_special_tokens=False)["input_ids"] for o in options]
-    width = max(map(len, encoded))
-    ids = torch.full((len(options), width), tokenizer.pad_token_id)
-    scored = torch.zeros((len(options), width), dtype=torch.bool)
-    for row, tokens in enumerate(encoded):
-        ids[row, : len(tokens)], scored[row, : len(tokens)] = torch.tensor(tokens), True
+    ids, scored, embeds = _answer_inputs(model, tokenizer, item, options, corrupt_answer)
     attention = torch.cat([torch.ones((len(options), len(prompt.ids)), dtype=torch.long), scored.long()], dim=1)
-    logits = model(input_ids=ids, attention_mask=attention, cache=cache).logits
+    inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+    logits = model(**inputs, attention_mask=attention, cache=cache).logits
     # The first answer token is predicted by the prompt's last position.
     logits = torch.cat([out.logits[:, -1:].expand(len(options), -1, -1), logits[:, :-1]], dim=1)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), ids, reduction="none")
     return (nll * scored).sum(1) / scored.sum(1)
 
 
-def answer_nlls(model: Any, tokenizer: Any, items: Sequence[QALike],
-                corrupt: PromptCorruptor | None = None) -> dict[str, torch.Tensor]:
+def answer_nlls(model: Any, tokenizer: Any, items: Sequence[QALike], corrupt: PromptCorruptor | None = None,
+                corrupt_answer: AnswerCorruptor | None = None) -> dict[str, torch.Tensor]:
     """Per-token NLLs of each item's answer, paraphrase and perturbed answers.
 
     Returns:
         ``{"answer": (n,), "paraphrase": (n,), "perturbed": (n, k)}``.
     """
-    rows = [option_nlls(model, tokenizer, item, [item.answer, item.paraphrase, *item.perturbed], corrupt)
-            for item in items]
+    rows = [option_nlls(model, tokenizer, item, [item.answer, item.paraphrase, *item.perturbed], corrupt,
+                        corrupt_answer) for item in items]
     stacked = torch.stack(rows)
     return {"answer": stacked[:, 0], "paraphrase": stacked[:, 1], "perturbed": stacked[:, 2:]}
 
