@@ -362,6 +362,13 @@ class ECOChatModel(BaseChatModel):
     stop: list[str] | None = Field(None, alias="stop_sequences")
     _guard: Guard | None = PrivateAttr(None)
 
+    @classmethod
+    def from_guard(cls, guard: Guard, **kwargs: Any) -> ECOChatModel:
+        """A chat model over an already loaded guard (no second load of model or classifier)."""
+        model = cls(config=str(guard.config.source) if guard.config.source else None, **kwargs)
+        model._guard = guard
+        return model
+
     @property
     def guard(self) -> Guard:
         if self._guard is None:  # loaded on first use, so constructing a model is instant
