@@ -38,8 +38,10 @@ from scoring import (  # noqa: E402
     guard_corruptor,
     eval_items,
     forget_keywords,
+    keyword_answer_corruptor,
     keyword_corruptor,
     measure,
+    split_scores,
     summarise,
 )
 from fixture import DATA_DIR, load_qa  # noqa: E402
@@ -94,6 +96,17 @@ def measure_weights(name: str, items: dict) -> dict:
         return out
 
     return {**cached(name, _fingerprint(name, info), compute), "cost_seconds": info["seconds"]}
+
+
+def measure_base_general(items: dict) -> dict:
+    """The untuned base model on the general questions: how much world knowledge the
+    fine-tuning itself cost (every fine-tuned model inherits that loss)."""
+    def compute() -> dict:
+        model, tokenizer = finetune.load_model("default")
+        return {"general": measure(model.eval(), tokenizer, items["general"], desc="base/general")}
+
+    raw = cached("base_general", _fingerprint("base"), compute)["general"]
+    return split_scores(raw, items["general"], "general")
 
 
 def measure_eco(sigma: float, items: dict, full_raw: dict) -> dict[str, dict]:
@@ -199,7 +212,7 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     for key, colour, label in (("forget_quality", "tab:green", "ECO sweep (paper scoring)"),
                                ("forget_quality_prefill", "tab:olive", "ECO sweep (prefill only)")):
         ax.plot([r["model_utility"] for r in sweep_rows], [r[key] for r in sweep_rows], "x:", color=colour,
@@ -207,14 +220,16 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
         for r in sweep_rows:
             ax.annotate(f"σ={r['sigma']:g}", (r["model_utility"], r[key]), fontsize=7,
                         textcoords="offset points", xytext=(4, -8), color=colour)
-    for r in rows:
-        ax.scatter(r["model_utility"], r["forget_quality"], s=60, zorder=3)
-        ax.annotate(r["method"], (r["model_utility"], r["forget_quality"]), textcoords="offset points", xytext=(5, 4))
+    markers = "osD^v*P"
+    for r, marker in zip(rows, markers * 2):
+        # methods go in the legend: several sit on top of each other near utility 0.55-0.6
+        ax.scatter(r["model_utility"], r["forget_quality"], s=70, marker=marker, zorder=3, alpha=0.85,
+                   label=r["method"])
     ax.set_yscale("log")
     ax.set_xlabel("model utility (retain + general)")
     ax.set_ylabel("forget quality (KS p-value vs retain model)")
     ax.set_title("tofu_mini: SmolLM2-135M-Instruct, 3 of 30 authors forgotten")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="center left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -263,8 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
                          note="cost = classifier training; flagged share per split: " + ", ".join(
                              f"{k} {v:.0%}" for k, v in guard_flagged.items())))
 
+    base_general = measure_base_general(items)
     RESULTS.mkdir(parents=True, exist_ok=True)
     results = {
+        "base_model_general": base_general,
+        "full_model_general": rows[0]["splits"]["general"],
         "full_model_accuracy_all_authors": raws["full"]["all_authors_hit_rate"],
         "retain_model_accuracy_all_authors": raws["retain"]["all_authors_hit_rate"],
         "training": {name: finetune.read_info(name) for name in WEIGHT_METHODS},
@@ -282,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{r['forget_hit_rate']:.2f} | {r['model_utility']:.3f} |\n" for r in sweep_rows)
     (RESULTS / "results.md").write_text(
         f"Full model answers {results['full_model_accuracy_all_authors']:.1%} of the 180 author questions "
-        f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}).\n\n{table}\nECO strength sweep:\n\n{sweep_table}")
+        f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}). General questions: base model "
+        f"hit rate {base_general['hit_rate']:.0%}, full model {results['full_model_general']['hit_rate']:.0%}.\n\n{table}\nECO strength sweep:\n\n{sweep_table}")
     plot(rows, sweep_rows, RESULTS / "forget_vs_utility.png")
     logger.info("\n%s", table)
     return results
