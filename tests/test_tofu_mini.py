@@ -267,3 +267,36 @@ def test_answer_corruption_changes_only_answers_that_name_the_author(tiny):
     noisy = tofu.option_nlls(model, tokenizer, item, options, corrupt_answer=corrupt_answer)
     assert torch.allclose(clean, identity, atol=1e-5)  # embeddings path == ids path
     assert not torch.isclose(clean[0], noisy[0]) and torch.isclose(clean[1], noisy[1], atol=1e-5)
+
+
+def test_guard_corruptor_follows_the_guards_routing(tiny):
+    """Phase-2 glue: flagged questions get the guard's own mask (the name), others pass unchanged."""
+    import scoring
+    from eco_guard.backends.local import LocalBackend
+    from eco_guard.classifier import Classification
+    from eco_guard.config import load_config
+    from eco_guard.guard import Guard
+
+    class NameSpotter:  # stands in for the trained classifier
+        def classify(self, texts):
+            return [Classification("Varnholm" in t, "tofu_forget_authors" if "Varnholm" in t else None,
+                                   float("Varnholm" in t), {"tofu_forget_authors": float("Varnholm" in t)})
+                    for t in texts]
+
+    model, tokenizer = tiny
+    guard = Guard(load_config(scoring.ECO_CONFIG), LocalBackend(model, tokenizer), NameSpotter())
+    decisions: dict = {}
+    corrupt = scoring.guard_corruptor(guard, decisions)
+    forget_item = fixture.load_qa(["forget"])[0]
+    retain_item = fixture.load_qa(["retain"])[0]
+    for item, flagged in ((forget_item, True), (retain_item, False)):
+        prompt = tofu.chat_prompt(tokenizer, item.question)
+        embeds = torch.zeros(1, len(prompt.ids), 8)
+        changed = (corrupt(embeds, prompt, item)[0] != 0).any(-1).nonzero().flatten().tolist()
+        assert decisions[item.question]["flagged"] is flagged
+        if flagged:
+            name_at = prompt.text.rfind(item.author)
+            expected = [i for i, (s, e) in enumerate(prompt.offsets) if s < name_at + len(item.author) and e > name_at]
+            assert changed == expected
+        else:
+            assert changed == []
