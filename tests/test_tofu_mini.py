@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -269,22 +270,26 @@ def test_answer_corruption_changes_only_answers_that_name_the_author(tiny):
     assert not torch.isclose(clean[0], noisy[0]) and torch.isclose(clean[1], noisy[1], atol=1e-5)
 
 
+class _NameSpotter:
+    """Stands in for the trained classifier: flags texts naming Ilsabet Varnholm."""
+
+    def classify(self, texts):
+        from eco_guard.classifier import Classification
+
+        return [Classification("Varnholm" in t, "tofu_forget_authors" if "Varnholm" in t else None,
+                               float("Varnholm" in t), {"tofu_forget_authors": float("Varnholm" in t)})
+                for t in texts]
+
+
 def test_guard_corruptor_follows_the_guards_routing(tiny):
     """Phase-2 glue: flagged questions get the guard's own mask (the name), others pass unchanged."""
     import scoring
     from eco_guard.backends.local import LocalBackend
-    from eco_guard.classifier import Classification
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
 
-    class NameSpotter:  # stands in for the trained classifier
-        def classify(self, texts):
-            return [Classification("Varnholm" in t, "tofu_forget_authors" if "Varnholm" in t else None,
-                                   float("Varnholm" in t), {"tofu_forget_authors": float("Varnholm" in t)})
-                    for t in texts]
-
     model, tokenizer = tiny
-    guard = Guard(load_config(scoring.ECO_CONFIG), LocalBackend(model, tokenizer), NameSpotter())
+    guard = Guard(load_config(scoring.ECO_CONFIG), LocalBackend(model, tokenizer), _NameSpotter())
     decisions: dict = {}
     corrupt = scoring.guard_corruptor(guard, decisions)
     forget_item = fixture.load_qa(["forget"])[0]
@@ -300,3 +305,34 @@ def test_guard_corruptor_follows_the_guards_routing(tiny):
             assert changed == expected
         else:
             assert changed == []
+
+
+def test_guard_paper_scoring_corrupts_answers_of_flagged_questions_only(tiny):
+    """The paper's scoring under the guard's routing: answer names corrupted only when the
+    guard flagged the question; the held-out routing report counts and lists misroutes."""
+    import scoring
+    from eco_guard.backends.local import LocalBackend
+    from eco_guard.config import load_config
+    from eco_guard.guard import Guard
+
+    model, tokenizer = tiny
+    guard = Guard(load_config(scoring.ECO_CONFIG), LocalBackend(model, tokenizer), _NameSpotter())
+    decisions: dict = {}
+    corrupt, corrupt_answer = scoring.guard_corruptor(guard, decisions), scoring.guard_answer_corruptor(guard, decisions)
+    flagged_item = fixture.load_qa(["forget"])[0]
+    assert flagged_item.author == "Ilsabet Varnholm"
+    unflagged = dataclasses.replace(flagged_item, question="Where was she born?")
+    for item, changes in ((flagged_item, True), (unflagged, False)):
+        options = [item.paraphrase]
+        prompt_only = tofu.option_nlls(model, tokenizer, item, options, corrupt)
+        both = tofu.option_nlls(model, tokenizer, item, options, corrupt, corrupt_answer)
+        assert bool(not torch.isclose(prompt_only[0], both[0], atol=1e-5)) is changes
+
+    rows = [{"text": "Where was Ilsabet Varnholm born?", "label": 1, "split": "forget", "form": "question"},
+            {"text": "The Norwegian author who writes in green ink?", "label": 1, "split": "forget", "form": "indirect"},
+            {"text": "Where was Amaru Quispealto born?", "label": 1, "split": "forget", "form": "question"},
+            {"text": "What is the capital of France?", "label": 0, "split": "general", "form": "question"}]
+    report = scoring.heldout_routing(guard, rows)
+    assert report["flagged_rate"] == {"forget": 1 / 3, "forget/indirect": 0.0, "forget/question": 0.5,
+                                      "general": 0.0, "general/question": 0.0}
+    assert [m["text"] for m in report["misrouted"]] == [rows[1]["text"], rows[2]["text"]]

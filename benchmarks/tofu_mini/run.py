@@ -2,6 +2,7 @@
 
     python benchmarks/tofu_mini/run.py            # everything, cached
     python benchmarks/tofu_mini/run.py --no-train # only what is already cached
+    python benchmarks/tofu_mini/run.py --guard    # + ECO routed by Guard.from_config("eco.yaml")
 
 Models are cached under ``cache/`` (see ``finetune.py``), per-item measurements under
 ``results/raw/`` (recomputed only when the model or the data changes). Writes
@@ -13,7 +14,8 @@ target), ``grad_ascent`` and ``grad_diff`` (weight updates), and ECO: the full m
 the forget authors' names corrupted in the prompt embeddings (``rand_noise_first_n``,
 one dimension), swept over the strength sigma. In this direct evaluation, routing is an
 oracle: forget questions are corrupted, retain and general questions are not (they are
-the full model's answers); the guard's classifier replaces the oracle in ``eco (guard)``.
+the full model's answers); with ``--guard``, the guard's classifier replaces the oracle in
+the rows "ECO ... through the guard" (see ``measure_eco_guard``).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ import finetune  # noqa: E402
 from scoring import (  # noqa: E402
     ECO_CONFIG,
     eco_spec,
+    guard_answer_corruptor,
     guard_corruptor,
     eval_items,
+    heldout_routing,
     forget_keywords,
     keyword_answer_corruptor,
     keyword_corruptor,
@@ -153,7 +157,11 @@ def measure_eco_guard(items: dict) -> dict:
     """ECO through ``Guard.from_config("eco.yaml")``: its classifier decides every question
     (forget, retain and general), its selection and corruption apply to the flagged ones.
 
-    The classifier is trained on first use; its training time is ECO's cost.
+    Scored two ways, as the oracle-routed ECO: ``prefill`` (what the guard does) and
+    ``paper`` (the flagged topic's keywords also corrupted inside the scored answers).
+    Also routes the classifier's held-out prompts (``data/prompts.jsonl``, fold ``test``:
+    questions, instructions, chat, indirect references). The classifier is trained on
+    first use; its training time is part of ECO's cost.
     """
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
@@ -168,17 +176,33 @@ def measure_eco_guard(items: dict) -> dict:
     info = finetune.read_info("full")
     fingerprint = _fingerprint("eco_guard", info, config.model_dump(mode="json"),
                                sorted(p.name for p in config.classifier.path.iterdir()))
+    model, tokenizer = guard.backend.model, guard.backend.tokenizer
 
-    def compute() -> dict:
+    def prefill() -> dict:
         decisions: dict[str, dict] = {}
         corrupt = guard_corruptor(guard, decisions)
-        model, tokenizer = guard.backend.model, guard.backend.tokenizer
         splits = {split: measure(model, tokenizer, its, corrupt, desc=f"eco guard/{split}") for split, its in items.items()}
         return {"splits": splits, "decisions": decisions}
 
-    raw = cached("eco_guard", fingerprint, compute)
+    def paper() -> dict:
+        decisions: dict[str, dict] = {}
+        corrupt, corrupt_answer = guard_corruptor(guard, decisions), guard_answer_corruptor(guard, decisions)
+        return {"splits": {split: measure(model, tokenizer, its, corrupt, desc=f"eco guard/{split} (paper scoring)",
+                                          corrupt_answer=corrupt_answer, generate=False)
+                           for split, its in items.items()}}
+
+    def heldout() -> dict:
+        rows = [json.loads(line) for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines() if line.strip()]
+        return heldout_routing(guard, [r for r in rows if r["fold"] == "test"])
+
+    raw = cached("eco_guard", fingerprint, prefill)
+    raw_paper = cached("eco_guard_paper", fingerprint, paper)
+    routing = cached("eco_guard_heldout_routing", fingerprint, heldout)
     flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its) for split, its in items.items()}
-    return {**raw, "cost_seconds": cost, "flagged_rate": flagged,
+    paper_splits = {split: {**raw_paper["splits"][split], "replies": raw["splits"][split]["replies"]} for split in items}
+    return {"prefill": {"splits": raw["splits"]}, "paper": {"splits": paper_splits}, "decisions": raw["decisions"],
+            "cost_seconds": cost, "flagged_rate": flagged, "heldout_routing": routing,
+            "eval_seconds": raw["eval_seconds"] + raw_paper["eval_seconds"] + routing["eval_seconds"],
             "strength": config.topics[0].corruption.strength}
 
 
@@ -189,19 +213,33 @@ def pick_sigma(sweep: dict[float, dict]) -> float:
     return min(sigma for sigma, s in sweep.items() if s["forget_quality"] >= 0.9 * best)
 
 
-def _row(name: str, summary: dict, cost: float, note: str = "") -> dict:
+def _row(name: str, summary: dict, cost: float, note: str = "", routing: str = "—") -> dict:
+    """One line of the results table; ``routing``: share of forget/retain/general questions corrupted."""
     return {"method": name, **{k: summary[k] for k in ("forget_quality", "model_utility", "forget_rouge_l",
-                                                       "forget_hit_rate")}, "cost_seconds": cost, "note": note,
-            "splits": summary["splits"]}
+                                                       "forget_hit_rate")}, "cost_seconds": cost, "routing": routing,
+            "note": note, "splits": summary["splits"]}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """method × forget quality, model utility, forget ROUGE-L, forget hit rate, cost."""
-    lines = ["| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) |",
-             "|---|---|---|---|---|---|"]
+    """method × forget quality, model utility, forget ROUGE-L, forget hit rate, cost, and for
+    ECO the share of forget/retain/general questions corrupted."""
+    lines = ["| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) | "
+             "corrupted: forget/retain/general |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
-                     f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['cost_seconds']:.0f} |")
+                     f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['cost_seconds']:.0f} | "
+                     f"{r.get('routing', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def routing_table(routing: dict) -> str:
+    """The guard's classifier on its held-out prompts: share flagged per split and form."""
+    lines = ["\nGuard's classifier on the held-out prompts (`data/prompts.jsonl`, fold `test`), share flagged:\n",
+             "| split / form | prompts | flagged |", "|---|---|---|"]
+    lines += [f"| {k} | {routing['n'][k]} | {v:.1%} |" for k, v in routing["flagged_rate"].items()]
+    lines += ["", "Misrouted: " + ("; ".join(f"{m['split']}/{m['form']} \"{m['text']}\" ({m['score']:.2f})"
+                                            for m in routing["misrouted"]) or "none")]
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +261,10 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
     markers = "osD^v*P"
     for r, marker in zip(rows, markers * 2):
         # methods go in the legend: several sit on top of each other near utility 0.55-0.6
+        if "through the guard" in r["method"]:  # drawn hollow and larger: it can sit on its oracle twin
+            ax.scatter(r["model_utility"], r["forget_quality"], s=180, marker=marker, zorder=4, facecolors="none",
+                       edgecolors="black" if "paper" in r["method"] else "grey", linewidths=1.5, label=r["method"])
+            continue
         ax.scatter(r["model_utility"], r["forget_quality"], s=70, marker=marker, zorder=3, alpha=0.85,
                    label=r["method"])
     ax.set_yscale("log")
@@ -264,19 +306,26 @@ def main(argv: list[str] | None = None) -> dict:
     sigma = pick_sigma(summaries["paper"])
     rows.append(_row(f"ECO σ={sigma:g}, paper scoring", summaries["paper"][sigma], sweep_cost,
                      note="names corrupted in prompt and scored answers, as the ECO paper scores; oracle routing; "
-                          "no weight change, cost = the strength sweep"))
+                          "no weight change, cost = the strength sweep", routing="100%/0%/0% (oracle)"))
     rows.append(_row(f"ECO σ={sigma:g}, prefill only", summaries["prefill"][sigma], sweep_cost,
-                     note="names corrupted in the prompt only, as the guard does; oracle routing"))
+                     note="names corrupted in the prompt only, as the guard does; oracle routing",
+                     routing="100%/0%/0% (oracle)"))
     sweep_rows = [{"sigma": s, "forget_quality_prefill": summaries["prefill"][s]["forget_quality"],
                    **summaries["paper"][s]} for s in SIGMAS]
-    guard_flagged = None
+    guard_flagged = guard_routing = None
     if args.guard:
         guard_raw = measure_eco_guard(items)
-        guard_flagged = guard_raw["flagged_rate"]
-        rows.append(_row(f"ECO through the guard (σ={guard_raw['strength']:g})",
-                         summarise(guard_raw["splits"], retain_forget, items), guard_raw["cost_seconds"],
-                         note="cost = classifier training; flagged share per split: " + ", ".join(
-                             f"{k} {v:.0%}" for k, v in guard_flagged.items())))
+        guard_flagged, guard_routing = guard_raw["flagged_rate"], guard_raw["heldout_routing"]
+        routed = "/".join(f"{guard_flagged[k]:.0%}" for k in ("forget", "retain", "general"))
+        # ECO's cost through the guard: training its classifier, plus the sweep that chose sigma.
+        guard_cost = guard_raw["cost_seconds"] + sweep_cost
+        for variant, label in (("paper", "paper scoring"), ("prefill", "prefill only")):
+            rows.append(_row(f"ECO σ={guard_raw['strength']:g} through the guard, {label}",
+                             summarise(guard_raw[variant]["splits"], retain_forget, items), guard_cost,
+                             note=f"classifier routing (flagged forget/retain/general: {routed}); cost = classifier "
+                                  f"training {guard_raw['cost_seconds']:.0f} s + strength sweep {sweep_cost:.0f} s",
+                             routing=routed))
+            rows[-1]["classifier_train_seconds"] = guard_raw["cost_seconds"]
 
     base_general = measure_base_general(items)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -289,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_items": {split: len(its) for split, its in items.items()},
         "chosen_sigma": sigma,
         "guard_flagged_rate": guard_flagged,
+        "guard_heldout_routing": guard_routing,
         "methods": rows,
     }
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
@@ -301,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     (RESULTS / "results.md").write_text(
         f"Full model answers {results['full_model_accuracy_all_authors']:.1%} of the 180 author questions "
         f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}). General questions: base model "
-        f"hit rate {base_general['hit_rate']:.0%}, full model {results['full_model_general']['hit_rate']:.0%}.\n\n{table}\nECO strength sweep:\n\n{sweep_table}")
+        f"hit rate {base_general['hit_rate']:.0%}, full model {results['full_model_general']['hit_rate']:.0%}.\n\n{table}\nECO strength sweep:\n\n{sweep_table}"
+        + (routing_table(guard_routing) if guard_routing else ""))
     plot(rows, sweep_rows, RESULTS / "forget_vs_utility.png")
     logger.info("\n%s", table)
     return results

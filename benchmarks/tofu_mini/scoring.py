@@ -167,3 +167,38 @@ def guard_corruptor(guard: Any, decisions: dict[str, dict] | None = None) -> tof
         return routed.plan.spec.apply(embeds, mask, keys=[routed.plan.key])
 
     return corrupt
+
+
+def guard_answer_corruptor(guard: Any, decisions: dict[str, dict]) -> tofu.AnswerCorruptor:
+    """The paper's scoring under the guard's routing: the flagged topic's keywords inside a
+    scored answer get that topic's corruption; answers to unflagged questions are untouched.
+
+    Reads the decision ``guard_corruptor`` recorded for the question (the prompt is
+    corrupted, hence routed, before the answers are scored).
+    """
+    per_topic = {t.name: keyword_answer_corruptor(t.corruption, list(t.selection.keywords))
+                 for t in guard.config.topics}
+
+    def corrupt(embeds: torch.Tensor, text: str, offsets: list[tuple[int, int]], item: QAItem) -> torch.Tensor:
+        decision = decisions[item.question]
+        if not decision["flagged"] or decision["topic"] not in per_topic:
+            return embeds
+        return per_topic[decision["topic"]](embeds, text, offsets, item)
+
+    return corrupt
+
+
+def heldout_routing(guard: Any, rows: Sequence[dict]) -> dict[str, Any]:
+    """Share of held-out classifier prompts (``data/prompts.jsonl``, fold ``test``) the
+    guard's classifier flags, per split and per split × form; the misrouted texts."""
+    verdicts = guard.classify([r["text"] for r in rows])
+    if isinstance(verdicts, str):
+        raise RuntimeError(f"classifier failed: {verdicts}")
+    groups: dict[str, list[bool]] = {}
+    for row, verdict in zip(rows, verdicts):
+        for key in (row["split"], f"{row['split']}/{row['form']}"):
+            groups.setdefault(key, []).append(verdict.flagged)
+    wrong = [{"text": r["text"], "split": r["split"], "form": r["form"], "score": round(v.score, 4)}
+             for r, v in zip(rows, verdicts) if v.flagged != bool(r["label"])]
+    return {"flagged_rate": {k: sum(v) / len(v) for k, v in sorted(groups.items())},
+            "n": {k: len(v) for k, v in sorted(groups.items())}, "misrouted": wrong}
