@@ -229,7 +229,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "classifier")
     ap.add_argument("--no-train", action="store_true", help="load saved classifiers instead of training")
     ap.add_argument("--variants", default="finetuned", help="comma list of finetuned, frozen")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads while training (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation (default 1: "
+                    "on shared cores more threads were measured slower, see the README)")
     ap.add_argument("--speed-threads", default="1,2", help="thread counts for the latency/throughput runs")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
     args = ap.parse_args()

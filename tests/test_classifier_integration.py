@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eco_guard.classifier import PromptClassifier, read_rows
+from eco_guard.text import normalize_text
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ def test_separates_held_out_positives_from_negatives(small):
 def test_question_buried_at_the_end_of_a_long_prompt_is_caught(small):
     question = "Who killed Dumbledore in Harry Potter?"
     rng = random.Random(1)
-    filler = " ".join(rng.choice(NEUTRAL) for _ in range(130))
+    filler = " ".join(rng.choice(NEUTRAL) for _ in range(150))
     assert len(small._token_ids([filler])[0]) >= 2000
     [clean, buried, alone] = small.classify([question, f"{filler} {question}", filler])
     assert clean.topic == "harry_potter"
@@ -75,7 +76,9 @@ def test_normalisation_defeats_invisible_and_look_alike_characters(small):
         "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in clean),  # full-width
         clean.upper().replace("H", "H\u200d"),                    # case + zero-width joiner
     ]
+    assert {normalize_text(t) for t in evasions} == {normalize_text(clean)}
     [reference] = small.score([clean])
     assert small.classify([clean])[0].topic == "harry_potter"
-    for text, scores in zip(evasions, small.score(evasions)):
-        assert scores == reference, text
+    for text in evasions:
+        [scores] = small.score([text])  # alone, as the clean one was: int8 activation scales are per batch
+        assert scores == pytest.approx(reference, abs=1e-6), text
