@@ -394,8 +394,9 @@ def _tokenizer_parts(st: SentenceTransformer) -> tuple[Any, list[int], list[int]
 def _inference_copy(net: _Net, *, quantize: bool) -> nn.Module:
     """The module used for scoring: eval mode, optionally int8 dynamic quantisation of the encoder.
 
-    Quantisation makes CPU inference 2-3x faster; thresholds are calibrated on this same
-    module, so they stay valid. The fp32 weights are what gets saved.
+    Quantisation makes CPU inference 2-3x faster and thresholds are calibrated on this same
+    module, but its activation scales are computed per batch: scores then depend on the other
+    prompts in the batch. The fp32 weights are what gets saved.
     """
     net.eval()
     if not quantize:

@@ -225,6 +225,13 @@ def test_bad_input_is_an_input_error(tiny_classifier):
         tiny_classifier.classify(["ok", None])
 
 
+def test_a_prompts_score_does_not_depend_on_its_batch(tiny_classifier):
+    texts = POS["wizards"][:3] + NEG[:3] + [" ".join(NEG * 4)]
+    together = tiny_classifier.score(texts)
+    for text, expected in zip(texts, together):
+        assert tiny_classifier.score([text])[0] == pytest.approx(expected, abs=1e-5)
+
+
 def test_classify_is_thread_safe(tiny_classifier):
     texts = [t for pair in zip(POS["wizards"], POS["space"], NEG) for t in pair] + [" ".join(NEG * 3)]
     expected = tiny_classifier.score(texts)
