@@ -377,6 +377,8 @@ class ECOChatModel(BaseChatModel):
 
     @property
     def model_name(self) -> str:
+        if self._guard is not None:
+            return f"eco-guard/{self._guard.backend.name}"
         # From the config alone: naming the model must not load it (LangChain reads this eagerly).
         from eco_guard.backends.local import model_display_name
         from eco_guard.config import load_config
@@ -439,15 +441,13 @@ class ECOChatModel(BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         params = self._params(stop, kwargs)
         routed = self._route(messages)
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()}))
+        yield from _opening_chunks(routed)
         if routed.prompt is None:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"},
-                                                             usage_metadata=_usage(0, 0), chunk_position="last"))
             return
-        produced = 0
+        produced, name = 0, self.model_name
         for event in self.guard.backend.stream(routed.prompt, routed.plan, params):
             produced += len(event.token_ids)
-            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, self.model_name))
+            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
             if run_manager and event.text:
                 run_manager.on_llm_new_token(event.text, chunk=chunk)
             yield chunk
@@ -456,18 +456,27 @@ class ECOChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         params = self._params(stop, kwargs)
         routed = await asyncio.to_thread(self._route, messages)
-        yield ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()}))
+        for chunk in _opening_chunks(routed):
+            yield chunk
         if routed.prompt is None:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"},
-                                                             usage_metadata=_usage(0, 0), chunk_position="last"))
             return
-        produced = 0
+        produced, name = 0, self.model_name
         async for event in self.guard.backend.astream(routed.prompt, routed.plan, params):
             produced += len(event.token_ids)
-            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, self.model_name))
+            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
             if run_manager and event.text:
                 await run_manager.on_llm_new_token(event.text, chunk=chunk)
             yield chunk
+
+
+def _opening_chunks(routed: Any) -> list[ChatGenerationChunk]:
+    """The decision first; for a blocked request, the whole (fixed) reply right after it."""
+    chunks = [ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()}))]
+    if routed.prompt is None:
+        chunks.append(ChatGenerationChunk(message=AIMessageChunk(
+            content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"}, usage_metadata=_usage(0, 0),
+            chunk_position="last")))
+    return chunks
 
 
 # ---------------------------------------------------------------- ECODocumentFilter
