@@ -109,6 +109,13 @@ class _Routed:
     plan: CorruptionPlan | None
 
 
+def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> LocalBackend:
+    m = cfg.model
+    return LocalBackend.from_pretrained(
+        model, dtype=m.dtype, system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens
+    )
+
+
 class Guard:
     """Classify → route → generate. Holds no per-request state, so one guard serves many threads."""
 
@@ -138,15 +145,15 @@ class Guard:
         The classifier is loaded from ``classifier.path``, or trained there first when missing.
         """
         cfg = config if isinstance(config, GuardConfig) else load_config(config)
-        backend = backend or LocalBackend.from_pretrained(
-            cfg.model.path,
-            dtype=cfg.model.dtype,
-            system_prompt=cfg.model.system_prompt,
-            max_input_tokens=cfg.model.max_input_tokens,
-        )
+        backend = backend or _load_backend(cfg, cfg.model.path)
         if classifier is None:
             classifier = PromptClassifier.from_config(cfg, train_if_missing=train_if_missing, progress=progress)
         return cls(cfg, backend, classifier)
+
+    def with_model(self, model: str | os.PathLike[str]) -> Guard:
+        """The same config and classifier answering with another local model (``default``, a ``.gguf``
+        file or an HF folder); the classifier is shared and loaded weights are reused across calls."""
+        return type(self)(self.config, _load_backend(self.config, model), self.classifier)
 
     # ------------------------------------------------------------ deciding
 

@@ -361,6 +361,16 @@ class ECOChatModel(BaseChatModel):
     seed: int | None = None
     stop: list[str] | None = Field(None, alias="stop_sequences")
     _guard: Guard | None = PrivateAttr(None)
+    _overrides: dict[str, Guard] = PrivateAttr(default_factory=dict)
+    _overrides_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["eco_guard", "langchain"]
 
     @classmethod
     def from_guard(cls, guard: Guard, **kwargs: Any) -> ECOChatModel:
@@ -372,8 +382,13 @@ class ECOChatModel(BaseChatModel):
     @property
     def guard(self) -> Guard:
         if self._guard is None:  # loaded on first use, so constructing a model is instant
-            self._guard = shared_guard(self.config)
+            self._guard = shared_guard(self.config_path)
         return self._guard
+
+    @property
+    def config_path(self) -> str:
+        """The YAML this model answers with: ``config``, else ``$ECO_GUARD_CONFIG``, else the embedded demo."""
+        return self.config or os.environ.get("ECO_GUARD_CONFIG") or str(default_config_path())
 
     @property
     def model_name(self) -> str:
@@ -383,7 +398,7 @@ class ECOChatModel(BaseChatModel):
         from eco_guard.backends.local import model_display_name
         from eco_guard.config import load_config
 
-        return f"eco-guard/{model_display_name(load_config(self.config).model.path)}"
+        return f"eco-guard/{model_display_name(load_config(self.config_path).model.path)}"
 
     @property
     def _llm_type(self) -> str:
@@ -391,7 +406,7 @@ class ECOChatModel(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"config": self.config, "max_tokens": self.max_tokens, "temperature": self.temperature}
+        return {"config": self.config_path, "max_tokens": self.max_tokens, "temperature": self.temperature}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -415,37 +430,53 @@ class ECOChatModel(BaseChatModel):
         }
         return self.guard.params(**settings)
 
-    def _route(self, messages: list[BaseMessage]) -> Any:
-        return self.guard.route(GuardRequest.of(_messages_to_dicts(messages)))
+    def _for_call(self, kwargs: dict[str, Any]) -> tuple[Guard, str]:
+        """The guard and model name for one call: ``model=`` (a local model path) overrides the config's."""
+        model = kwargs.pop("model", None)
+        if model is None:
+            return self.guard, self.model_name
+        model = str(model)
+        with self._overrides_lock:  # built once per model; the weights themselves are shared process-wide
+            if model not in self._overrides:
+                self._overrides[model] = self.guard.with_model(model)
+            return self._overrides[model], f"eco-guard/{model}"
 
-    def _result(self, routed: Any, params: Any) -> ChatResult:
+    @staticmethod
+    def _route(guard: Guard, messages: list[BaseMessage]) -> Any:
+        return guard.route(GuardRequest.of(_messages_to_dicts(messages)))
+
+    @staticmethod
+    def _result(guard: Guard, name: str, routed: Any, params: Any) -> ChatResult:
         if routed.prompt is None:
             result = GuardResult(BLOCKED_REPLY, routed.decision)
         else:
-            gen = self.guard.backend.generate([routed.prompt], [routed.plan], params)[0]
+            gen = guard.backend.generate([routed.prompt], [routed.plan], params)[0]
             result = GuardResult(gen.text, routed.decision, gen)
-        return ChatResult(generations=[ChatGeneration(message=_message(result, self.model_name))])
+        return ChatResult(generations=[ChatGeneration(message=_message(result, name))])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        guard, name = self._for_call(kwargs)
         params = self._params(stop, kwargs)
-        return self._result(self._route(messages), params)
+        return self._result(guard, name, self._route(guard, messages), params)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        guard, name = await asyncio.to_thread(self._for_call, kwargs)
         params = self._params(stop, kwargs)
-        routed = await asyncio.to_thread(self._route, messages)
-        return await asyncio.to_thread(self._result, routed, params)
+        routed = await asyncio.to_thread(self._route, guard, messages)
+        return await asyncio.to_thread(self._result, guard, name, routed, params)
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        guard, name = self._for_call(kwargs)
         params = self._params(stop, kwargs)
-        routed = self._route(messages)
+        routed = self._route(guard, messages)
         yield from _opening_chunks(routed)
         if routed.prompt is None:
             return
-        produced, name = 0, self.model_name
-        for event in self.guard.backend.stream(routed.prompt, routed.plan, params):
+        produced = 0
+        for event in guard.backend.stream(routed.prompt, routed.plan, params):
             produced += len(event.token_ids)
             chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
             if run_manager and event.text:
@@ -454,14 +485,15 @@ class ECOChatModel(BaseChatModel):
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        guard, name = await asyncio.to_thread(self._for_call, kwargs)
         params = self._params(stop, kwargs)
-        routed = await asyncio.to_thread(self._route, messages)
+        routed = await asyncio.to_thread(self._route, guard, messages)
         for chunk in _opening_chunks(routed):
             yield chunk
         if routed.prompt is None:
             return
-        produced, name = 0, self.model_name
-        async for event in self.guard.backend.astream(routed.prompt, routed.plan, params):
+        produced = 0
+        async for event in guard.backend.astream(routed.prompt, routed.plan, params):
             produced += len(event.token_ids)
             chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
             if run_manager and event.text:

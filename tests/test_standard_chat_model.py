@@ -1,12 +1,21 @@
 """LangChain's own standard test suites for ECOChatModel (the embedded demo config, real models).
 
 Only tool calling, structured output, JSON mode and multimodal inputs are switched off:
-a 135M local chat model offers none of them.
+a 135M local chat model offers none of them. The per-call ``model=`` override is exercised
+with a second local model (a tiny random Llama saved as an HF folder); the VCR timing test
+runs without cassettes because nothing here goes over HTTP.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import tempfile
+from unittest import mock
+from pathlib import Path
+
 import pytest
+from langchain_core.load import dumpd, load
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
@@ -14,6 +23,21 @@ from eco_guard.config import default_config_path
 from eco_guard.langchain import ECOChatModel
 
 MAX_TOKENS = 12  # short replies keep the real-model suite to a few minutes on 2 cores
+
+
+@functools.cache
+def tiny_model_folder() -> str:
+    """A second local model for the ``model=`` override: a random 2-layer Llama with the real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from conftest import build_tiny_model
+    from eco_guard.backends.local import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
+    folder = Path(tempfile.mkdtemp(prefix="eco-guard-test-")) / "tiny-random-llama"
+    build_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 class _Capabilities:
@@ -56,7 +80,29 @@ class TestECOChatModelUnit(_Capabilities, ChatModelUnitTests):
         path = str(default_config_path())
         return {"ECO_GUARD_CONFIG": path}, {}, {"config": path}
 
+    @pytest.mark.xfail(strict=True, reason=(
+        "langchain-core's load(allowed_objects='all') admits only classes listed in its own "
+        "serialization mapping, so no third-party model can pass the stock round trip; "
+        "test_serdes_explicit_allow_list runs the same assertions with ECOChatModel allowed by name"))
+    def test_serdes(self, model, snapshot) -> None:
+        super().test_serdes(model, snapshot)
+
+    def test_serdes_explicit_allow_list(self, model, snapshot) -> None:
+        env_params, _, _ = self.init_from_env_params
+        with mock.patch.dict(os.environ, env_params):
+            ser = dumpd(model)
+            assert ser == snapshot(name="serialized")
+            loaded = load(ser, valid_namespaces=["eco_guard"], allowed_objects=[ECOChatModel], secrets_from_env=True)
+            assert isinstance(loaded, ECOChatModel)
+            assert model.dict() == loaded.dict()
+
 
 @pytest.mark.integration
 class TestECOChatModelIntegration(_Capabilities, ChatModelIntegrationTests):
-    pass
+    @property
+    def model_override_value(self) -> str:
+        return tiny_model_folder()
+
+    @property
+    def enable_vcr_tests(self) -> bool:
+        return True
