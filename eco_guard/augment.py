@@ -21,7 +21,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Final
 
 __all__ = [
-    "Augmenter", "CODE_TEMPLATES", "LANGUAGE_WRAPPERS", "WRAPPERS", "add_typos", "distinctive_names", "entity_prompts",
+    "TERM_TEMPLATES", "Augmenter", "CODE_TEMPLATES", "LANGUAGE_WRAPPERS", "WRAPPERS", "add_typos", "distinctive_names",
+    "entity_prompts", "term_prompts",
 ]
 
 # Jailbreak, role-play and instruction framings; "{p}" is the prompt.
@@ -80,9 +81,30 @@ _ENTITY_TEMPLATES: Final[tuple[str, ...]] = (
     "facts about {e}", "{e} fan theories", "describe {e} in detail",
 )
 
+# Prompts built around a topic term (config ``terms``): questions, requests, chat and searches.
+TERM_TEMPLATES: Final[tuple[str, ...]] = (
+    "Who or what is {e}?", "Tell me everything you know about {e}.", "{e}", "{e} explained",
+    "what's the deal with {e}", "Write a short essay about {e}.", "Why is {e} important in the story?",
+    "can you summarize what happens with {e}", "I just learned about {e}, what should I know?",
+    "Give me three fun facts about {e}.", "{e} wiki", "describe {e} in detail please",
+    "Which scene with {e} is the most memorable?", "Explain the history of {e} to a newcomer.",
+    "my friend keeps talking about {e} - who/what is that?", "{e} fan theories",
+)
+
 _KEYBOARD: Final[str] = "qwertyuiopasdfghjklzxcvbnm"
 _NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z'’]+(?:[ -](?:of |the |de )?[A-Z][a-z'’]+)*)")
 _STOP_NAMES: Final[frozenset[str]] = frozenset({"I", "I'm", "What", "Who", "Why", "How", "The", "In", "A", "Is", "Can", "Do"})
+
+
+def term_prompts(terms: Sequence[str], rng: random.Random, *, per_term: int = 1) -> list[str]:
+    """``per_term`` prompts about each term, from :data:`TERM_TEMPLATES`.
+
+    Example:
+        >>> term_prompts(["Hogwarts"], random.Random(0), per_term=2)
+        ['Which scene with Hogwarts is the most memorable?', 'Hogwarts fan theories']
+    """
+    return [template.format(e=term) for term in terms
+            for template in rng.sample(TERM_TEMPLATES, min(per_term, len(TERM_TEMPLATES)))]
 
 
 def add_typos(text: str, rng: random.Random, *, n: int = 2) -> str:

@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eco_guard.classifier_data import data_hash, read_prompts, read_rows
+from eco_guard.classifier_data import data_hash, read_prompts, read_rows, read_terms
 from eco_guard.classifier_training import TrainingSettings, calibrate, fit
 from eco_guard.errors import ClassifierError, InputError
-from eco_guard.text import normalize_text
+from eco_guard.text import normalize_text, term_pattern
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -117,6 +117,8 @@ class PromptClassifier:
         self._window = int(metadata["window_tokens"])
         self._stride = int(metadata["window_stride"])
         self._infer = _inference_copy(net, quantize=bool(metadata.get("quantize", False)))
+        self.terms: dict[str, list[str]] = {t: list(metadata.get("terms", {}).get(t, [])) for t in self.topics}
+        self._term_patterns = {t: term_pattern(v) for t, v in self.terms.items() if v}
 
     # ------------------------------------------------------------------ building
 
@@ -124,7 +126,9 @@ class PromptClassifier:
     def train(cls, positives: Mapping[str, Sequence[str]], negatives: Sequence[str], *, encoder: str = "default",
               settings: TrainingSettings | Mapping[str, Any] | None = None, progress: bool = True,
               max_false_positive_rate: float | Mapping[str, float] = 0.01,
-              thresholds: Mapping[str, float | None] | None = None) -> PromptClassifier:
+              thresholds: Mapping[str, float | None] | None = None,
+              terms: Mapping[str, Sequence[str]] | None = None,
+              contrast_terms: Sequence[str] = ()) -> PromptClassifier:
         """Fine-tune (or fit a frozen-encoder head), then calibrate thresholds on held-out negatives.
 
         Args:
@@ -135,26 +139,36 @@ class PromptClassifier:
             progress: show progress bars.
             max_false_positive_rate: target per topic (one number for all, or a mapping).
             thresholds: fixed thresholds that override calibration for some topics.
+            terms: per topic, names that alone flag a prompt (whole-word match after
+                normalisation); training also learns them from prompts built around each.
+            contrast_terms: names that are about no topic (neighbouring works, namesakes);
+                training adds negative prompts built around each, with the same templates.
 
         Raises:
             ConfigError: unknown or invalid training settings.
             DataError: a topic without prompts, or too few negatives to calibrate.
         """
         s = settings if isinstance(settings, TrainingSettings) else TrainingSettings.parse(settings or {})
+        terms = {t: list(dict.fromkeys((terms or {}).get(t, []))) for t in positives}
         st, net = _load_encoder(encoder, len(positives))
-        result = fit(net, _Batcher(st, s.window_tokens), positives, negatives, s, progress=progress)
+        contrast_terms = list(dict.fromkeys(contrast_terms))
+        result = fit(net, _Batcher(st, s.window_tokens), positives, negatives, s, progress=progress, terms=terms,
+                     contrast_terms=contrast_terms)
         metadata = {
             "format_version": FORMAT_VERSION, "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
             "window_tokens": s.window_tokens, "window_stride": s.window_stride, "quantize": s.quantize,
-            "settings": s.model_dump(), "data_hash": data_hash(positives, negatives),
+            "settings": s.model_dump(), "data_hash": data_hash(positives, negatives, terms, contrast_terms), "terms": terms,
+            "contrast_terms": contrast_terms,
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
         }
         clf = cls(st, net, list(positives), {t: 1.0 for t in positives}, metadata, {})
+        clf.metadata["term_hits_in_negatives"] = clf._term_hits_in(negatives)
+        # Thresholds come from the encoder's scores alone (a term hit is 1.0 whatever the threshold);
+        # the hold-out FNR is that of the whole classifier, terms included.
         neg = clf._probabilities(result.calibration_negatives)
         clf._calibration = {
             "negatives": {t: neg[:, i].tolist() for i, t in enumerate(clf.topics)},
-            "positives": {t: clf._probabilities(p)[:, i].tolist() if p else []
-                          for i, (t, p) in enumerate(result.holdout_positives.items())},
+            "positives": {t: [s[t] for s in clf.score(p)] if p else [] for t, p in result.holdout_positives.items()},
         }
         clf.recalibrate(max_false_positive_rate, thresholds)
         return clf
@@ -175,9 +189,11 @@ class PromptClassifier:
         settings = TrainingSettings.parse(cfg.classifier.training, where=where)
         positives = {t.name: [p for src in t.data for p in read_prompts(src)] for t in cfg.topics}
         negatives = [p for src in cfg.classifier.negatives for p in read_prompts(src)]
+        terms = {t.name: read_terms(t.terms) for t in cfg.topics}
+        contrast = read_terms(cfg.classifier.contrast_terms)
         fpr = {t.name: t.max_false_positive_rate for t in cfg.topics}
         fixed = {t.name: t.threshold for t in cfg.topics}
-        expected = {"data_hash": data_hash(positives, negatives), "settings": settings.model_dump(),
+        expected = {"data_hash": data_hash(positives, negatives, terms, contrast), "settings": settings.model_dump(),
                     "encoder": cfg.classifier.encoder, "topics": list(positives)}
         path = Path(cfg.classifier.path)
         if (path / _CONFIG_FILE).is_file() and not retrain:
@@ -193,7 +209,7 @@ class PromptClassifier:
             raise ClassifierError(f"{path}: no trained classifier for these topics; "
                                   f"run `eco-guard train {cfg.source or 'CONFIG'}`")
         clf = cls.train(positives, negatives, encoder=cfg.classifier.encoder, settings=settings, progress=progress,
-                        max_false_positive_rate=fpr, thresholds=fixed)
+                        max_false_positive_rate=fpr, thresholds=fixed, terms=terms, contrast_terms=contrast)
         clf.save_pretrained(path)
         return clf
 
@@ -215,14 +231,42 @@ class PromptClassifier:
     # ------------------------------------------------------------------ inference
 
     def score(self, texts: Sequence[str]) -> list[dict[str, float]]:
-        """Probability per topic for each prompt (max over its token windows).
+        """Probability per topic for each prompt (max over its token windows; 1.0 where a topic term occurs).
 
         Example:
             >>> clf.score(["Who is Yoda?"])  # doctest: +SKIP
             [{'harry_potter': 0.0012, 'star_wars': 0.9993}]
         """
         probs = self._probabilities(texts)
+        for i, hit in enumerate(self.matched_terms(texts)):
+            for topic in hit:
+                probs[i, self.topics.index(topic)] = 1.0
         return [dict(zip(self.topics, row.tolist())) for row in probs]
+
+    def matched_terms(self, texts: Sequence[str]) -> list[dict[str, str]]:
+        """Per prompt, the first topic term found for each topic that has one.
+
+        Example:
+            >>> clf.matched_terms(["Was Yoda a Jedi?", "Boil an egg"])  # doctest: +SKIP
+            [{'star_wars': 'yoda'}, {}]
+        """
+        if not self._term_patterns:
+            return [{} for _ in texts]
+        out = []
+        for text in texts:
+            norm = normalize_text(text) if isinstance(text, str) else ""
+            found = {t: m.group(0) for t, p in self._term_patterns.items() if p and (m := p.search(norm))}
+            out.append(found)
+        return out
+
+    def _term_hits_in(self, negatives: Sequence[str]) -> list[dict[str, Any]]:
+        """Negatives a topic term matches: each is a false positive no threshold can prevent."""
+        hits = [{"text": text, "terms": found} for text, found in zip(negatives, self.matched_terms(negatives)) if found]
+        if hits:
+            shown = "; ".join(f"{h['text'][:60]!r} ({', '.join(h['terms'].values())})" for h in hits[:5])
+            warnings.warn(f"{len(hits)} negative prompt(s) contain a topic term and will always be flagged: {shown}",
+                          stacklevel=3)
+        return hits
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         """Scores plus the decision: flagged when a topic's score reaches its threshold.

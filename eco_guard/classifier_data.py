@@ -22,7 +22,7 @@ from typing import Any
 
 from eco_guard.errors import DataError
 
-__all__ = ["data_hash", "read_prompts", "read_rows"]
+__all__ = ["data_hash", "read_prompts", "read_rows", "read_terms"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
@@ -111,13 +111,43 @@ def _check_row(row: dict[str, Any], split: str | None) -> None:
         raise DataError(f"{where}: no 'split' field, but split {split!r} was asked for")
 
 
-def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str]) -> str:
-    """SHA-256 of the training prompts (topic order and prompt order included).
+def read_terms(items: Sequence[Any]) -> list[str]:
+    """Topic terms from a config's ``terms`` list: strings as they are, files (``.path``) one term per line.
+
+    Blank lines and ``#`` comments are skipped; duplicates are dropped, order kept.
+
+    Raises:
+        DataError: a missing or non-UTF-8 terms file (names the file and line).
+    """
+    terms: list[str] = []
+    for item in items:
+        if isinstance(item, str):
+            terms.append(item.strip())
+            continue
+        path = Path(item.path if hasattr(item, "path") else item)
+        if not path.is_file():
+            raise DataError(f"{path}: terms file not found")
+        for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{line_no}: not valid UTF-8") from None
+            terms.append(line.split("#", 1)[0].strip())
+    return list(dict.fromkeys(t for t in terms if t))
+
+
+def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
+              terms: Mapping[str, Sequence[str]] | None = None, contrast_terms: Sequence[str] = ()) -> str:
+    """SHA-256 of the training prompts and topic terms (topic order and prompt order included).
 
     Example:
         >>> data_hash({"a": ["x"]}, ["y"]) == data_hash({"a": ["x"]}, ["y"])
         True
     """
-    blob = json.dumps({"positives": {t: list(p) for t, p in positives.items()}, "negatives": list(negatives)},
-                      ensure_ascii=False, sort_keys=False)
+    data: dict[str, Any] = {"positives": {t: list(p) for t, p in positives.items()}, "negatives": list(negatives)}
+    if any(terms.values() if terms else ()):
+        data["terms"] = {t: list(v) for t, v in terms.items()}
+    if contrast_terms:
+        data["contrast_terms"] = list(contrast_terms)
+    blob = json.dumps(data, ensure_ascii=False, sort_keys=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

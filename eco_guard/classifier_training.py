@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from tqdm.auto import tqdm
 
-from eco_guard.augment import Augmenter, distinctive_names
+from eco_guard.augment import Augmenter, distinctive_names, term_prompts
 from eco_guard.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -64,9 +64,13 @@ class TrainingSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     augment: bool = Field(True, description="add evasive variants (typos, wrappers, burying, code, names)")
     augment_copies: int = Field(2, ge=0, le=50, description="variants per training prompt")
+    term_prompts: int = Field(1, ge=0, le=20, description="training prompts built around each topic term")
     calibration_fraction: float = Field(0.3, gt=0, lt=1, description="negatives held out to calibrate thresholds")
     positive_holdout_fraction: float = Field(0.15, ge=0, lt=1, description="positives held out to report the FNR")
-    min_threshold: float = Field(0.0, ge=0, le=1, description="floor under calibrated thresholds")
+    min_threshold: float = Field(0.5, ge=0, le=1, description=(
+        "floor under calibrated thresholds: a confident model puts every calibration negative near 0, "
+        "so the conformal quantile can fall far below 0.5, where unseen text (a long prompt's many "
+        "windows, typos) crosses it; 0.5 = flag only what the model finds more likely than not"))
     window_tokens: int = Field(128, ge=8, le=512, description="tokens per scoring window (special tokens included)")
     window_stride: int = Field(64, ge=1, le=512, description="tokens between window starts")
     quantize: bool = Field(False, description="int8 dynamic quantisation of the encoder: 2-3x faster on CPU, but "
@@ -104,7 +108,8 @@ class FitResult:
 
 
 def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
-        s: TrainingSettings, *, progress: bool = True) -> FitResult:
+        s: TrainingSettings, *, progress: bool = True, terms: Mapping[str, Sequence[str]] | None = None,
+        contrast_terms: Sequence[str] = ()) -> FitResult:
     """Train ``net`` in place. Returns the held-out data and training statistics."""
     start = time.perf_counter()
     _seed(s.seed)
@@ -114,6 +119,10 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     if not train_neg or not cal_neg:
         raise DataError(f"need negatives for both training and calibration, got {len(negatives)} "
                         f"(calibration_fraction {s.calibration_fraction})")
+    if terms and s.term_prompts:  # after the hold-out split: the reported FNR stays on real prompts
+        train_pos = {t: p + term_prompts(terms.get(t, ()), rng, per_term=s.term_prompts) for t, p in train_pos.items()}
+    if contrast_terms and s.term_prompts:  # the same templates as negatives: the name decides, not the phrasing
+        train_neg = train_neg + term_prompts(contrast_terms, rng, per_term=s.term_prompts)
     texts, labels = _examples(train_pos, train_neg, s, list(positives))
     ids = batcher.token_ids(texts)
     y = torch.tensor(labels, dtype=torch.float32)

@@ -73,6 +73,12 @@ class DataSource(_Strict):
         return {"path": value} if isinstance(value, (str, Path)) else value
 
 
+class TermsFile(_Strict):
+    """A text file of topic terms: one per line, ``#`` starts a comment."""
+
+    path: Path
+
+
 class ModelConfig(_Strict):
     """The local chat model that answers (corrupted or not)."""
 
@@ -100,6 +106,9 @@ class ClassifierConfig(_Strict):
     encoder: str = "default"
     path: Path = Path("classifier")
     negatives: list[DataSource] = Field(default_factory=list)
+    contrast_terms: list[str | TermsFile] = Field(default_factory=list, description=(
+        "names of things that are NOT any topic but sit close to one (neighbouring franchises, "
+        "namesakes); training adds negative prompts built around each; each item is a term or {path: file.txt}"))
     training: TrainingSettings = Field(default_factory=TrainingSettings)
 
 
@@ -122,6 +131,9 @@ class TopicConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     description: str = ""
     data: list[DataSource] = Field(default_factory=list)
+    terms: list[str | TermsFile] = Field(default_factory=list, description=(
+        "names that on their own make a prompt about the topic (whole words, any case, plurals and "
+        "possessives included); each item is a term or {path: file.txt}"))
     max_false_positive_rate: float = Field(0.01, gt=0, lt=1)
     threshold: float | None = Field(None, ge=0, le=1)
     corruption: CorruptionSpec = Field(default_factory=lambda: CorruptionSpec(strength=5.0))
@@ -235,6 +247,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         clf["path"] = fix(clf.get("path", "classifier"))
         if isinstance(clf.get("negatives"), list):
             clf["negatives"] = [fix_source(s) for s in clf["negatives"]]
+        if isinstance(clf.get("contrast_terms"), list):
+            clf["contrast_terms"] = [fix_source(t) if isinstance(t, dict) else t for t in clf["contrast_terms"]]
         if isinstance(clf.get("encoder"), str) and clf["encoder"] != "default":
             clf["encoder"] = fix(clf["encoder"])
     model = data.get("model")
@@ -243,6 +257,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for topic in data.get("topics") or []:
         if isinstance(topic, dict) and isinstance(topic.get("data"), list):
             topic["data"] = [fix_source(s) for s in topic["data"]]
+        if isinstance(topic, dict) and isinstance(topic.get("terms"), list):
+            topic["terms"] = [fix_source(t) if isinstance(t, dict) else t for t in topic["terms"]]
 
 
 def _check_topic_names(data: dict[str, Any], file: str, lines: dict[tuple, int]) -> None:

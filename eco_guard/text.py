@@ -85,6 +85,27 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+def term_pattern(terms: list[str]) -> re.Pattern[str] | None:
+    """A regex finding any of ``terms`` in :func:`normalize_text` output, as whole words.
+
+    Spaces and hyphens inside a term match any run of them or none ("light saber",
+    "lightsaber", "light-saber"); a plural or possessive ending is allowed.
+
+    Example:
+        >>> p = term_pattern(["Obi-Wan", "Horcrux"])
+        >>> [bool(p.search(normalize_text(t))) for t in ("obiwan's plan", "two HORCRUXES", "horcruxology")]
+        [True, True, False]
+    """
+    alternatives = []
+    for term in sorted({normalize_text(t) for t in terms if t.strip()}, key=len, reverse=True):
+        parts = [re.escape(p) for p in re.split(r"[\s\-]+", term) if p]
+        if parts:
+            alternatives.append(r"[\s\-]*".join(parts))
+    if not alternatives:
+        return None
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)")
+
+
 def _invisible(ch: str) -> bool:
     # Cf covers zero-width space/joiners, BOM, soft hyphen, bidi controls, tag characters.
     return unicodedata.category(ch) == "Cf" or ch in _INVISIBLE or 0xFE00 <= ord(ch) <= 0xFE0F

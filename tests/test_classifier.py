@@ -344,3 +344,55 @@ def test_from_config_retrains_when_data_changes(tiny_encoder, tmp_path, monkeypa
     PromptClassifier.from_config(stale, progress=False)
     assert len(calls) == 1
     assert math.isfinite(calls[0]["max_false_positive_rate"]["wizards"])
+
+
+# ---------------------------------------------------------------- topic terms
+
+def test_term_pattern_matches_whole_words_with_variants():
+    from eco_guard.text import normalize_text, term_pattern
+
+    p = term_pattern(["Obi-Wan", "Horcrux", "light saber", "Padmé", "Harry Potter"])
+    hits = ["obiwan's plan", "Two HORCRUXES", "a lightsaber duel", "light-saber", "PADME AMIDALA",
+            "h\u200barry potter fans", "Obi Wan"]
+    misses = ["horcruxology", "the pottery wheel", "Harry Houdini", "a saber-toothed cat"]
+    assert all(p.search(normalize_text(t)) for t in hits)
+    assert not any(p.search(normalize_text(t)) for t in misses)
+    assert term_pattern(["  ", ""]) is None
+
+
+def test_read_terms_inline_and_files_with_comments(tmp_path):
+    from eco_guard.classifier_data import read_terms
+    from eco_guard.config import TermsFile
+
+    f = _write(tmp_path, "t.txt", "# names\nHogwarts\n\nDumbledore  # headmaster\nHogwarts\n")
+    assert read_terms(["Quidditch", TermsFile(path=f)]) == ["Quidditch", "Hogwarts", "Dumbledore"]
+    with pytest.raises(DataError, match="missing.txt: terms file not found"):
+        read_terms([TermsFile(path=tmp_path / "missing.txt")])
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"bad.txt:2: not valid UTF-8"):
+        read_terms([TermsFile(path=tmp_path / "bad.txt")])
+
+
+def test_terms_flag_on_their_own_and_are_saved(tiny_encoder, tmp_path):
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                 max_false_positive_rate=0.1, terms={"space": ["Millennium Falcon"]})
+    text = "How do I cook rice and beans on the millennium-falcon for dinner"
+    plain = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                   max_false_positive_rate=0.1)
+    assert plain.score([text])[0]["space"] < 0.9  # random tiny encoder: only the term can make it certain
+    verdict = clf.classify([text])[0]
+    assert (verdict.flagged, verdict.topic, verdict.score) == (True, "space", 1.0)
+    assert clf.matched_terms([text, NEG[0]]) == [{"space": "millennium-falcon"}, {}]
+    clf.save_pretrained(tmp_path / "clf")
+    again = PromptClassifier.from_pretrained(tmp_path / "clf")
+    assert again.terms == {"wizards": [], "space": ["Millennium Falcon"]}
+    assert again.classify([text])[0].topic == "space"
+    # terms are part of the training data: a change makes the saved model stale
+    assert clf.metadata["data_hash"] != plain.metadata["data_hash"]
+
+
+def test_a_term_in_the_negatives_is_reported(tiny_encoder):
+    with pytest.warns(UserWarning, match="1 negative prompt.*contain a topic term.*beans"):
+        clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                     max_false_positive_rate=0.1, terms={"wizards": ["recipe 3"]})
+    assert [h["text"] for h in clf.metadata["term_hits_in_negatives"]] == [NEG[3]]

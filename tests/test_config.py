@@ -27,6 +27,7 @@ topics:
   - name: harry_potter
     description: The Harry Potter books.
     data: [hp.jsonl, {path: more/hp.csv, split: train}]
+    terms: [Hogwarts, {path: terms/hp.txt}]
     max_false_positive_rate: 0.02
     corruption:
       method: rand_noise_first_n
@@ -114,6 +115,8 @@ BROKEN = [
     ("bad-version", edit("version: 1", "version: 2"), ("version: 2", 1), "version", []),
     ("data-item-without-path", edit("{path: more/hp.csv, split: train}", "{file: more/hp.csv}"),
      ("{file: more/hp.csv}", 1), "topics[0].data[1]", []),
+    ("terms-item-not-text-or-file", edit("terms: [Hogwarts, {path: terms/hp.txt}]", "terms: [Hogwarts, {file: x.txt}]"),
+     ("{file: x.txt}", 1), "topics[0].terms[1]", []),
     ("zero-max-new-tokens", edit("max_new_tokens: 64", "max_new_tokens: 0"), ("max_new_tokens", 1),
      "generation.max_new_tokens", ["greater than 0"]),
     ("env-default-not-a-number", edit("strength: 5", "strength: ${ECO_TEST_UNSET_VAR:-lots}"), ("ECO_TEST_UNSET_VAR", 1),
@@ -253,6 +256,7 @@ def test_relative_paths_resolve_against_the_yaml_folder(tmp_path, monkeypatch):
     assert cfg.classifier.path == folder / "clf"
     assert [n.path for n in cfg.classifier.negatives] == [folder / "neg" / "negatives.jsonl"]
     assert cfg.model.path == str(folder / "models" / "smol.gguf")
+    assert hp.terms[0] == "Hogwarts" and hp.terms[1].path == folder / "terms" / "hp.txt"
     assert cfg.source == folder / "guard.yaml"
 
 
