@@ -343,6 +343,10 @@ def _event_chunk(event: Any, prompt_tokens: int, produced: int, model_name: str)
 class ECOChatModel(BaseChatModel):
     """The guard as a LangChain chat model (no tool calling).
 
+    ``model=`` at call time (``llm.invoke(msgs, model="path/to/hf-folder-or.gguf")``) answers with
+    another local model under the same classifier and topics; ``response_metadata["model_name"]``
+    then names it. LangChain serialization (``dumpd``/``load``) round-trips the constructor arguments.
+
     Example:
         >>> llm = ECOChatModel()                              # the embedded demo config  # doctest: +SKIP
         >>> llm.invoke("Who is Harry Potter?").response_metadata["eco_guard"]["flagged"]  # doctest: +SKIP
