@@ -37,7 +37,7 @@ from torch import nn
 from eco_guard.classifier_data import data_hash, read_prompts, read_rows, read_terms
 from eco_guard.classifier_training import TrainingSettings, calibrate, fit
 from eco_guard.errors import ClassifierError, InputError
-from eco_guard.text import normalize_text, term_pattern
+from eco_guard.text import TermMatcher, normalize_text
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -118,7 +118,9 @@ class PromptClassifier:
         self._stride = int(metadata["window_stride"])
         self._infer = _inference_copy(net, quantize=bool(metadata.get("quantize", False)))
         self.terms: dict[str, list[str]] = {t: list(metadata.get("terms", {}).get(t, [])) for t in self.topics}
-        self._term_patterns = {t: term_pattern(v) for t, v in self.terms.items() if v}
+        # Typo matching skips real words: the encoder's whole-word vocabulary stands in for a dictionary.
+        known = frozenset(w for w in self._tokenizer.get_vocab() if w.isalpha()) if any(self.terms.values()) else frozenset()
+        self._matchers = {t: TermMatcher(v, known_words=known) for t, v in self.terms.items() if v}
 
     # ------------------------------------------------------------------ building
 
@@ -244,19 +246,18 @@ class PromptClassifier:
         return [dict(zip(self.topics, row.tolist())) for row in probs]
 
     def matched_terms(self, texts: Sequence[str]) -> list[dict[str, str]]:
-        """Per prompt, the first topic term found for each topic that has one.
+        """Per prompt, the first topic term found (exactly or one typo away) for each topic that has one.
 
         Example:
             >>> clf.matched_terms(["Was Yoda a Jedi?", "Boil an egg"])  # doctest: +SKIP
             [{'star_wars': 'yoda'}, {}]
         """
-        if not self._term_patterns:
+        if not self._matchers:
             return [{} for _ in texts]
         out = []
         for text in texts:
             norm = normalize_text(text) if isinstance(text, str) else ""
-            found = {t: m.group(0) for t, p in self._term_patterns.items() if p and (m := p.search(norm))}
-            out.append(found)
+            out.append({t: found for t, m in self._matchers.items() if (found := m.find(norm))})
         return out
 
     def _term_hits_in(self, negatives: Sequence[str]) -> list[dict[str, Any]]:

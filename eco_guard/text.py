@@ -106,6 +106,65 @@ def term_pattern(terms: list[str]) -> re.Pattern[str] | None:
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)")
 
 
+class TermMatcher:
+    """Finds topic terms in :func:`normalize_text` output: exactly (:func:`term_pattern`), or one typo away.
+
+    The typo match (one substitution, insertion, deletion or swap) is limited to single-word
+    terms of ``fuzzy_min_len`` letters or more, and skips text words found in ``known_words``
+    (a vocabulary of real words), so "quibble" does not become the term "Quibbler".
+
+    Example:
+        >>> m = TermMatcher(["Dumbledore", "Hogwarts"], known_words={"quibble"})
+        >>> m.find(normalize_text("Is Dumbeldore dead?")), m.find("hogwartz"), m.find("pottery")
+        ('dumbeldore', 'hogwartz', None)
+    """
+
+    def __init__(self, terms: list[str], *, known_words: frozenset[str] | set[str] = frozenset(),
+                 fuzzy_min_len: int = 8) -> None:
+        self.pattern = term_pattern(terms)
+        self._known = known_words
+        self._min = fuzzy_min_len
+        self._by_delete: dict[str, set[str]] = {}
+        for term in {normalize_text(t) for t in terms}:
+            if term.isalpha() and len(term) >= fuzzy_min_len:
+                for variant in _deletes(term):
+                    self._by_delete.setdefault(variant, set()).add(term)
+
+    def find(self, normalized: str) -> str | None:
+        """The first term found in already normalised text, as it appears there; None if none."""
+        if self.pattern is not None and (m := self.pattern.search(normalized)):
+            return m.group(0)
+        if not self._by_delete:
+            return None
+        for word in _WORDS.findall(normalized):
+            if len(word) < self._min - 1 or word in self._known:
+                continue
+            for variant in _deletes(word):
+                if any(_one_edit(word, term) for term in self._by_delete.get(variant, ())):
+                    return word
+        return None
+
+
+_WORDS = re.compile(r"[a-z]+")
+
+
+def _deletes(word: str) -> set[str]:
+    return {word, *(word[:i] + word[i + 1:] for i in range(len(word)))}
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Optimal-string-alignment distance of at most 1 (equal strings excluded: those match exactly)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((k for k in range(len(short)) if short[k] != long_[k]), len(short))
+    return short[i:] == long_[i + 1:]
+
+
 def _invisible(ch: str) -> bool:
     # Cf covers zero-width space/joiners, BOM, soft hyphen, bidi controls, tag characters.
     return unicodedata.category(ch) == "Cf" or ch in _INVISIBLE or 0xFE00 <= ord(ch) <= 0xFE0F

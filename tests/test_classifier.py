@@ -396,3 +396,22 @@ def test_a_term_in_the_negatives_is_reported(tiny_encoder):
         clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
                                      max_false_positive_rate=0.1, terms={"wizards": ["recipe 3"]})
     assert [h["text"] for h in clf.metadata["term_hits_in_negatives"]] == [NEG[3]]
+
+
+def test_term_matcher_allows_one_typo_in_long_terms_but_not_real_words():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    m = TermMatcher(["Dumbledore", "Palpatine", "Snape"], known_words={"palatine"})
+    found = [m.find(normalize_text(t)) for t in
+             ("Why did Dumbeldore trust him?", "Is Dumbledor dead?", "PALPATNIE returns", "Dumbledoore")]
+    assert found == ["dumbeldore", "dumbledor", "palpatnie", "dumbledoore"]
+    assert m.find("the palatine hill in rome") is None      # a real word one edit from a term
+    assert m.find("professor snaep") is None                # short terms match exactly only
+    assert m.find("dumbbell curls") is None                 # two or more edits
+    assert m.find("snape's potions") == "snape's"
+
+
+def test_typo_in_a_term_still_flags(tiny_encoder):
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                 max_false_positive_rate=0.1, terms={"space": ["Chewbacca"]})
+    assert clf.matched_terms(["cook rice with chewbaca", "cook rice with chew bacon"]) == [{"space": "chewbaca"}, {}]
