@@ -21,10 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -198,22 +202,26 @@ class PromptClassifier:
         expected = {"data_hash": data_hash(positives, negatives, terms, contrast), "settings": settings.model_dump(),
                     "encoder": cfg.classifier.encoder, "topics": list(positives)}
         path = Path(cfg.classifier.path)
-        if (path / _CONFIG_FILE).is_file() and not retrain:
-            clf = cls.from_pretrained(path)
-            stale = [k for k, v in expected.items() if clf.metadata.get(k) != v]
-            if not stale or (not train_if_missing and clf.topics == expected["topics"]):
-                if stale:
-                    warnings.warn(f"{path}: classifier is stale ({', '.join(stale)} changed); "
-                                  f"run `eco-guard train` to retrain", stacklevel=2)
-                clf.recalibrate(fpr, fixed)
-                return clf
-        if not train_if_missing:
-            raise ClassifierError(f"{path}: no trained classifier for these topics; "
-                                  f"run `eco-guard train {cfg.source or 'CONFIG'}`")
-        clf = cls.train(positives, negatives, encoder=cfg.classifier.encoder, settings=settings, progress=progress,
-                        max_false_positive_rate=fpr, thresholds=fixed, terms=terms, contrast_terms=contrast)
-        clf.save_pretrained(path)
-        return clf
+        # One process trains, the others wait and then load its result (e.g. several server workers
+        # starting at once on an empty cache); the folder is swapped in whole, never seen half-written.
+        with _folder_lock(path):
+            if (path / _CONFIG_FILE).is_file() and not retrain:
+                clf = cls.from_pretrained(path)
+                stale = [k for k, v in expected.items() if clf.metadata.get(k) != v]
+                if not stale or (not train_if_missing and clf.topics == expected["topics"]):
+                    if stale:
+                        warnings.warn(f"{path}: classifier is stale ({', '.join(stale)} changed); "
+                                      f"run `eco-guard train` to retrain", stacklevel=2)
+                    clf.recalibrate(fpr, fixed)
+                    return clf
+            if not train_if_missing:
+                raise ClassifierError(f"{path}: no trained classifier for these topics; "
+                                      f"run `eco-guard train {cfg.source or 'CONFIG'}`")
+            clf = cls.train(positives, negatives, encoder=cfg.classifier.encoder, settings=settings,
+                            progress=progress, max_false_positive_rate=fpr, thresholds=fixed, terms=terms,
+                            contrast_terms=contrast)
+            _save_whole(clf, path)
+            return clf
 
     def recalibrate(self, max_false_positive_rate: float | Mapping[str, float] = 0.01,
                     thresholds: Mapping[str, float | None] | None = None) -> None:
@@ -374,6 +382,34 @@ class _Batcher:
 
     def pad(self, windows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         return _pad(windows, self._pad_id)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on ``<path>.lock`` (a no-op where ``fcntl`` is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; training twice is wasteful, not wrong
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _save_whole(clf: PromptClassifier, path: Path) -> None:
+    """Save into a sibling folder, then swap it in: readers see the old model or the new one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    clf.save_pretrained(tmp)
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pad(windows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

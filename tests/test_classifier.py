@@ -415,3 +415,25 @@ def test_typo_in_a_term_still_flags(tiny_encoder):
     clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
                                  max_false_positive_rate=0.1, terms={"space": ["Chewbacca"]})
     assert clf.matched_terms(["cook rice with chewbaca", "cook rice with chew bacon"]) == [{"space": "chewbaca"}, {}]
+
+
+def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
+    cfg = _config(tmp_path, tiny_encoder)
+    calls = []
+    real_train = PromptClassifier.train.__func__
+
+    def counting_train(cls, *args, **kwargs):
+        calls.append(1)
+        return real_train(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PromptClassifier, "train", classmethod(counting_train))
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(PromptClassifier.from_config(cfg, progress=False)))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3
+    assert results[0].thresholds == results[1].thresholds == results[2].thresholds
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".clf")) == []  # no temp folders left
