@@ -44,6 +44,8 @@ _MIXED_ONLY: Final[dict[str, str]] = {"г": "r", "п": "n", "ь": "b", "д": "d"
 
 # Digits and symbols used as letters; only inside words that are mostly letters.
 _LEET: Final[dict[str, str]] = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
+_LEET_INNER = re.compile(r"(?<=[a-z])[013457@$]{1,2}(?=[a-z])")
+_LEET_ENDS = re.compile(r"^[013457@$]{1,2}|[013457@$]{1,2}$")
 
 # Invisible characters that are not Unicode "format" (Cf) characters but still render as nothing.
 _INVISIBLE: Final[frozenset[str]] = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180e\u3164\uffa0")
@@ -109,9 +111,10 @@ def term_pattern(terms: list[str]) -> re.Pattern[str] | None:
 class TermMatcher:
     """Finds topic terms in :func:`normalize_text` output: exactly (:func:`term_pattern`), or one typo away.
 
-    The typo match (one substitution, insertion, deletion or swap) is limited to single-word
-    terms of ``fuzzy_min_len`` letters or more, and skips text words found in ``known_words``
-    (a vocabulary of real words), so "quibble" does not become the term "Quibbler".
+    The typo match (one substitution, insertion, deletion or swap) is limited to terms of
+    ``fuzzy_min_len`` letters or more (spaces not counted: "harry ptoter" is one swap from
+    "Harry Potter") and needs a text word missing from ``known_words`` (a vocabulary of real
+    words), so "quibble" does not become the term "Quibbler", nor "start wars" "Star Wars".
 
     Example:
         >>> m = TermMatcher(["Dumbledore", "Hogwarts"], known_words={"quibble"})
@@ -124,11 +127,14 @@ class TermMatcher:
         self.pattern = term_pattern(terms)
         self._known = known_words
         self._min = fuzzy_min_len
-        self._by_delete: dict[str, set[str]] = {}
+        # Per word count: a two-word span is only compared with two-word terms ("the stra" is not "Thestral").
+        self._by_delete: dict[int, dict[str, set[str]]] = {}
         for term in {normalize_text(t) for t in terms}:
-            if term.isalpha() and len(term) >= fuzzy_min_len:
-                for variant in _deletes(term):
-                    self._by_delete.setdefault(variant, set()).add(term)
+            joined = term.replace(" ", "")
+            if joined.isalpha() and len(joined) >= fuzzy_min_len:
+                index = self._by_delete.setdefault(term.count(" ") + 1, {})
+                for variant in _deletes(joined):
+                    index.setdefault(variant, set()).add(joined)
 
     def find(self, normalized: str) -> str | None:
         """The first term found in already normalised text, as it appears there; None if none."""
@@ -136,12 +142,16 @@ class TermMatcher:
             return m.group(0)
         if not self._by_delete:
             return None
-        for word in _WORDS.findall(normalized):
-            if len(word) < self._min - 1 or word in self._known:
-                continue
-            for variant in _deletes(word):
-                if any(_one_edit(word, term) for term in self._by_delete.get(variant, ())):
-                    return word
+        words = _WORDS.findall(normalized)
+        for n, index in self._by_delete.items():  # a term of n words, typed with one slip
+            for i in range(len(words) - n + 1):
+                span = words[i:i + n]
+                joined = "".join(span)
+                if len(joined) < self._min - 1 or all(w in self._known for w in span):
+                    continue
+                for variant in _deletes(joined):
+                    if any(_one_edit(joined, term) for term in index.get(variant, ())):
+                        return " ".join(span)
         return None
 
 
@@ -192,16 +202,11 @@ def _unconfuse_word(word: str) -> str:
 
 
 def _unleet_word(word: str) -> str:
-    """Undo leetspeak: digits between letters ("h4rry", "p0tt3r"); then, in a word that had
-    some, also at its ends ("y0d4"). Plain numbers and "mp3"/"win10"/"3po" stay as they are.
+    """Undo leetspeak: runs of one or two digits between letters ("h4rry", "w34sley"); then, in a
+    word that had some, also at its ends ("y0d4", "angl14"). Plain numbers and "mp3"/"win10"/"3po"
+    stay as they are.
     """
-    chars = list(word)
-    changed = False
-    for i in range(1, len(chars) - 1):
-        if chars[i] in _LEET and chars[i - 1].isalpha() and chars[i + 1].isalpha():
-            chars[i], changed = _LEET[chars[i]], True
-    if changed:
-        for i in (0, len(chars) - 1):
-            if chars[i] in _LEET:
-                chars[i] = _LEET[chars[i]]
-    return "".join(chars)
+    inner = _LEET_INNER.sub(lambda m: "".join(_LEET[c] for c in m.group(0)), word)
+    if inner == word:
+        return word
+    return _LEET_ENDS.sub(lambda m: "".join(_LEET[c] for c in m.group(0)), inner)

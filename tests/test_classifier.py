@@ -437,3 +437,12 @@ def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
     assert len(calls) == 1 and len(results) == 3
     assert results[0].thresholds == results[1].thresholds == results[2].thresholds
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".clf")) == []  # no temp folders left
+
+
+def test_term_matcher_multi_word_terms_with_one_typo():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    m = TermMatcher(["Harry Potter", "Star Wars"], known_words={"harry", "potter", "star", "wars", "start"})
+    assert m.find(normalize_text("who wrote the Harry Pottre books")) == "harry pottre"
+    assert m.find(normalize_text("harry ptoter")) == "harry ptoter"
+    assert m.find(normalize_text("the start wars between the firms")) is None  # real words only: no typo
