@@ -192,3 +192,18 @@ def test_flagged_prompt_without_the_keyword_is_still_corrupted(tiny_backend):
     routed = guard.route(GuardRequest.of("Which wizard founded the school?"))  # flagged, but no keyword
     assert routed.decision.flagged
     assert list(routed.plan.mask) == token_mask(routed.prompt.offsets, routed.prompt.user_spans)
+
+
+@pytest.mark.integration
+def test_real_demo_classifier_uses_terms_typos_and_contrast(demo_guard):
+    clf = demo_guard.classifier
+    prompts = ["Is Dumbeldore really dead?",                          # term, one typo
+               "tell me about nagini",                                 # term, lower case
+               "Who was Harry Houdini?",                               # contrast: a namesake
+               "How do I center clay on a pottery wheel?"]             # contrast: the craft
+    matched = clf.matched_terms(prompts)
+    assert matched[0] == {"harry_potter": "dumbeldore"} and matched[1] == {"harry_potter": "nagini"}
+    assert matched[2] == matched[3] == {}
+    verdicts = clf.classify(prompts)
+    assert [v.flagged for v in verdicts] == [True, True, False, False]
+    assert demo_guard.route(GuardRequest.of(prompts[0])).decision.route == "corrupted"
