@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -67,12 +67,14 @@ class Classification:
         topic: the flagged topic with the largest margin over its threshold, else None.
         score: probability of ``topic`` (of the top-scoring topic when not flagged).
         scores: probability per topic.
+        terms: per topic, the term found in the prompt (such a topic's score is 1.0).
     """
 
     flagged: bool
     topic: str | None
     score: float
     scores: dict[str, float]
+    terms: dict[str, str] = field(default_factory=dict)
 
 
 class _Net(nn.Module):
@@ -247,11 +249,15 @@ class PromptClassifier:
             >>> clf.score(["Who is Yoda?"])  # doctest: +SKIP
             [{'harry_potter': 0.0012, 'star_wars': 0.9993}]
         """
+        return [scores for scores, _ in self._scored(texts)]
+
+    def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str]]]:
         probs = self._probabilities(texts)
-        for i, hit in enumerate(self.matched_terms(texts)):
+        matched = self.matched_terms(texts)
+        for i, hit in enumerate(matched):
             for topic in hit:
                 probs[i, self.topics.index(topic)] = 1.0
-        return [dict(zip(self.topics, row.tolist())) for row in probs]
+        return [(dict(zip(self.topics, row.tolist())), hit) for row, hit in zip(probs, matched)]
 
     def matched_terms(self, texts: Sequence[str]) -> list[dict[str, str]]:
         """Per prompt, the first topic term found (exactly or one typo away) for each topic that has one.
@@ -284,16 +290,16 @@ class PromptClassifier:
             >>> [c.flagged for c in clf.classify(["Who is Yoda?", "Boil an egg"])]  # doctest: +SKIP
             [True, False]
         """
-        return [self._decide(s) for s in self.score(texts)]
+        return [self._decide(scores, terms) for scores, terms in self._scored(texts)]
 
-    def _decide(self, scores: dict[str, float]) -> Classification:
+    def _decide(self, scores: dict[str, float], terms: dict[str, str]) -> Classification:
         flagged = [t for t in self.topics if scores[t] >= self.thresholds[t]]
         if flagged:
             # Largest margin in logit space: thresholds close to 1 make raw differences tiny.
             topic = max(flagged, key=lambda t: _logit(scores[t]) - _logit(self.thresholds[t]))
-            return Classification(True, topic, scores[topic], scores)
+            return Classification(True, topic, scores[topic], scores, terms)
         top = max(self.topics, key=scores.__getitem__)
-        return Classification(False, None, scores[top], scores)
+        return Classification(False, None, scores[top], scores, terms)
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):

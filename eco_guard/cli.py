@@ -112,9 +112,9 @@ def _run_classify(args: argparse.Namespace) -> int:
     try:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="classifying", disable=not args.output):
             batch = texts[start:start + args.batch_size]
-            for text, v, terms in zip(batch, clf.classify(batch), clf.matched_terms(batch)):
+            for text, v in zip(batch, clf.classify(batch)):
                 line = {"text": text, "flagged": v.flagged, "topic": v.topic, "score": v.score, "scores": v.scores,
-                        "terms": terms}
+                        "terms": v.terms}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:

@@ -49,6 +49,7 @@ class Decision:
     passages_flagged: int = 0
     passages_dropped: int = 0
     error: str | None = None  # why the classifier could not score (fail-closed/open decisions)
+    terms: dict[str, str] = field(default_factory=dict)  # topic terms found in the question
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +208,7 @@ class Guard:
         flagged_topics = [v for v in (head, *passage_verdicts) if v.flagged]
         common = {
             "scores": dict(head.scores),
+            "terms": dict(head.terms),
             "passages_flagged": len(flagged_passages),
             "passages_dropped": len(flagged_passages) if self.config.rag == "drop" else 0,
         }

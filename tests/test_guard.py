@@ -206,4 +206,7 @@ def test_real_demo_classifier_uses_terms_typos_and_contrast(demo_guard):
     assert matched[2] == matched[3] == {}
     verdicts = clf.classify(prompts)
     assert [v.flagged for v in verdicts] == [True, True, False, False]
-    assert demo_guard.route(GuardRequest.of(prompts[0])).decision.route == "corrupted"
+    assert [v.terms for v in verdicts] == matched
+    decision = demo_guard.route(GuardRequest.of(prompts[0])).decision
+    assert decision.route == "corrupted" and decision.terms == {"harry_potter": "dumbeldore"}
+    assert decision.to_dict()["terms"] == {"harry_potter": "dumbeldore"}  # what response_metadata carries
