@@ -19,10 +19,10 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from eco_guard.config import SelectionConfig
+from eco_guard.text import term_pattern
 
 Span = tuple[int, int]
 
@@ -49,11 +49,14 @@ def find_spans(text: str, needles: Sequence[str]) -> list[Span]:
 
 
 def keyword_spans(text: str, keywords: Sequence[str], within: Sequence[Span]) -> list[Span]:
-    """Case-insensitive occurrences of any keyword inside the ``within`` spans."""
-    words = [k.strip() for k in keywords if k.strip()]
-    if not words:
+    """Whole-word, case-insensitive occurrences of any keyword inside the ``within`` spans.
+
+    Matching follows topic terms (:func:`eco_guard.text.term_pattern`): "Potter" finds
+    "Potter's" but not "pottery"; "Harry Potter" also finds "HarryPotter".
+    """
+    pattern = term_pattern(keywords, raw=True)
+    if pattern is None:
         return []
-    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
     return [
         (m.start(), m.end())
         for start, end in within

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from typing import Final
 
 __all__ = ["CONFUSABLES", "normalize_text"]
@@ -87,11 +88,12 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def term_pattern(terms: list[str]) -> re.Pattern[str] | None:
+def term_pattern(terms: Sequence[str], *, raw: bool = False) -> re.Pattern[str] | None:
     """A regex finding any of ``terms`` in :func:`normalize_text` output, as whole words.
 
     Spaces and hyphens inside a term match any run of them or none ("light saber",
-    "lightsaber", "light-saber"); a plural or possessive ending is allowed.
+    "lightsaber", "light-saber"); a plural or possessive ending is allowed. ``raw=True``
+    searches unnormalised text instead (terms as written, any case).
 
     Example:
         >>> p = term_pattern(["Obi-Wan", "Horcrux"])
@@ -99,13 +101,14 @@ def term_pattern(terms: list[str]) -> re.Pattern[str] | None:
         [True, True, False]
     """
     alternatives = []
-    for term in sorted({normalize_text(t) for t in terms if t.strip()}, key=len, reverse=True):
+    for term in sorted({t.strip() if raw else normalize_text(t) for t in terms if t.strip()}, key=len, reverse=True):
         parts = [re.escape(p) for p in re.split(r"[\s\-]+", term) if p]
         if parts:
             alternatives.append(r"[\s\-]*".join(parts))
     if not alternatives:
         return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)")
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)",
+                      re.IGNORECASE if raw else 0)
 
 
 class TermMatcher:

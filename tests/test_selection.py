@@ -209,3 +209,9 @@ def test_mask_has_one_entry_per_token(tiny_backend, mode):
     prompt = tiny_backend.prepare([{"role": "user", "content": "Tell me about Harry Potter."}])
     cfg = SelectionConfig(mode=mode, keywords=["potter"] if mode == "keywords" else [])
     assert len(select_mask(prompt.text, prompt.offsets, prompt.user_spans, cfg)) == len(prompt)
+
+
+def test_keywords_match_whole_words_like_topic_terms():
+    text = "Potter's wheel, pottery, HarryPotter and a potter"
+    spans = keyword_spans(text, ["potter", "harry potter"], [(0, len(text))])
+    assert [text[s:e] for s, e in spans] == ["Potter's", "HarryPotter", "potter"]
