@@ -65,6 +65,9 @@ class TrainingSettings(BaseModel):
     augment: bool = Field(True, description="add evasive variants (typos, wrappers, burying, code, names)")
     augment_copies: int = Field(2, ge=0, le=50, description="variants per training prompt")
     term_prompts: int = Field(1, ge=0, le=20, description="training prompts built around each topic term")
+    joined_negatives: int = Field(200, ge=0, le=100_000, description=(
+        "negatives made of 3-8 negative prompts run together: a long prompt is scored window by window, "
+        "and a window of unrelated text must not add up to a topic"))
     calibration_fraction: float = Field(0.3, gt=0, lt=1, description="negatives held out to calibrate thresholds")
     positive_holdout_fraction: float = Field(0.15, ge=0, lt=1, description="positives held out to report the FNR")
     min_threshold: float = Field(0.5, ge=0, le=1, description=(
@@ -124,6 +127,9 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     if contrast_terms and s.term_prompts:  # the same templates as negatives: the name decides, not the phrasing
         train_neg = train_neg + term_prompts(contrast_terms, rng, per_term=s.term_prompts)
     texts, labels = _examples(train_pos, train_neg, s, list(positives))
+    joined = [" ".join(rng.sample(train_neg, min(len(train_neg), rng.randint(3, 8)))) for _ in range(s.joined_negatives)]
+    texts += joined
+    labels += [[0.0] * len(positives) for _ in joined]
     ids = batcher.token_ids(texts)
     y = torch.tensor(labels, dtype=torch.float32)
     _fit_head(net, batcher, ids, y, s, progress)
