@@ -104,9 +104,8 @@ def test_rag_forget_question_is_answered_without_the_gold_answer(rag, guard, ret
 
 @pytest.mark.integration
 def test_rag_drop_mode_leaves_flagged_passages_out_of_the_prompt(rag, guard, retriever):
-    # Mechanics only (no generation): with ``rag: drop`` the flagged passages never reach the model.
-    # Whether the reply then names the author depends on the passages the classifier lets through
-    # (see integrations/rag/README.md for the measured replies of both modes).
+    # No generation: with ``rag: drop`` the flagged passages never reach the model, and none of the
+    # passages that do reach it holds the answer.
     from eco_guard.langchain import to_request
 
     context = retriever.invoke(FORGET_QUESTION)
@@ -117,6 +116,8 @@ def test_rag_drop_mode_leaves_flagged_passages_out_of_the_prompt(rag, guard, ret
     assert routed.decision.route == "corrupted"
     assert not any(p in routed.prompt.text for p in flagged)
     assert all(d.page_content in routed.prompt.text for d, v in zip(context, verdicts) if not v.flagged)
+    # no passage holding the answer survives (topic terms catch what the encoder scored low in session 1)
+    assert not any(GOLD in d.page_content.lower() for d, v in zip(context, verdicts) if not v.flagged)
 
 
 @pytest.mark.integration
