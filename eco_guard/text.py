@@ -104,11 +104,16 @@ def term_pattern(terms: Sequence[str], *, raw: bool = False) -> re.Pattern[str] 
     for term in sorted({t.strip() if raw else normalize_text(t) for t in terms if t.strip()}, key=len, reverse=True):
         parts = [re.escape(p) for p in re.split(r"[\s\-]+", term) if p]
         if parts:
-            alternatives.append(r"[\s\-]*".join(parts))
+            # Russian nouns inflect ("Гарри Поттера"): a term with Cyrillic in it takes a short case ending.
+            ending = r"[a-zа-яё]{0,3}" if _CYRILLIC.search(term) else ""
+            alternatives.append(r"[\s\-]*".join(parts) + ending)
     if not alternatives:
         return None
     return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)",
                       re.IGNORECASE if raw else 0)
+
+
+_CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 
 
 class TermMatcher:

@@ -446,3 +446,13 @@ def test_term_matcher_multi_word_terms_with_one_typo():
     assert m.find(normalize_text("who wrote the Harry Pottre books")) == "harry pottre"
     assert m.find(normalize_text("harry ptoter")) == "harry ptoter"
     assert m.find(normalize_text("the start wars between the firms")) is None  # real words only: no typo
+
+
+def test_terms_in_other_scripts_and_russian_case_endings():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    m = TermMatcher(["Гарри Поттер", "Звёздные войны", "Étoile de la mort", "Potter"])
+    assert m.find(normalize_text("Кто написал книги о Гарри Поттере?")) == "гарри поттере"
+    assert m.find(normalize_text("Сколько фильмов «Звездные войны»?")) is not None   # ё written as е
+    assert m.find(normalize_text("Qui a détruit l'Étoile de la Mort ?")) == "etoile de la mort"
+    assert m.find(normalize_text("pottery classes")) is None   # Latin terms keep whole-word matching
