@@ -252,8 +252,9 @@ class PromptClassifier:
         return [scores for scores, _ in self._scored(texts)]
 
     def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str]]]:
-        probs = self._probabilities(texts)
-        matched = self.matched_terms(texts)
+        normalized = _normalized(texts)  # once: the encoder and the term matchers read the same text
+        probs = self._model_probabilities(normalized)
+        matched = self._matched(normalized)
         for i, hit in enumerate(matched):
             for topic in hit:
                 probs[i, self.topics.index(topic)] = 1.0
@@ -266,13 +267,10 @@ class PromptClassifier:
             >>> clf.matched_terms(["Was Yoda a Jedi?", "Boil an egg"])  # doctest: +SKIP
             [{'star_wars': 'yoda'}, {}]
         """
-        if not self._matchers:
-            return [{} for _ in texts]
-        out = []
-        for text in texts:
-            norm = normalize_text(text) if isinstance(text, str) else ""
-            out.append({t: found for t, m in self._matchers.items() if (found := m.find(norm))})
-        return out
+        return self._matched(_normalized(texts))
+
+    def _matched(self, normalized: list[str]) -> list[dict[str, str]]:
+        return [{t: found for t, m in self._matchers.items() if (found := m.find(norm))} for norm in normalized]
 
     def _term_hits_in(self, negatives: Sequence[str]) -> list[dict[str, Any]]:
         """Negatives a topic term matches: each is a false positive no threshold can prevent."""
@@ -302,21 +300,25 @@ class PromptClassifier:
         return Classification(False, None, scores[top], scores, terms)
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise InputError("classifier input must be a sequence of strings")
+        """The encoder's probabilities alone (no terms): what thresholds are calibrated on."""
+        return self._model_probabilities(_normalized(texts))
+
+    def _model_probabilities(self, normalized: list[str]) -> np.ndarray:
         owners, windows = [], []
-        for i, ids in enumerate(self._token_ids(texts)):
+        for i, ids in enumerate(self._encode(normalized)):
             for w in self._windows(ids):
                 owners.append(i)
                 windows.append(w)
         logits = self._forward(windows)
-        out = np.full((len(texts), len(self.topics)), -np.inf)
+        out = np.full((len(normalized), len(self.topics)), -np.inf)
         np.maximum.at(out, np.asarray(owners, dtype=np.int64), logits)
         return 1.0 / (1.0 + np.exp(-out))
 
     def _token_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self._tokenizer.encode_batch([normalize_text(t) for t in texts], add_special_tokens=False)
-        return [e.ids for e in encodings]
+        return self._encode(_normalized(texts))
+
+    def _encode(self, normalized: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(normalized, add_special_tokens=False)]
 
     def _windows(self, ids: list[int]) -> list[list[int]]:
         """Overlapping windows with special tokens; any run of ``size - stride + 1`` tokens
@@ -426,6 +428,12 @@ def _pad(windows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
         ids[row, : len(w)] = torch.tensor(w, dtype=torch.long)
         mask[row, : len(w)] = 1
     return ids, mask
+
+
+def _normalized(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise InputError("classifier input must be a sequence of strings")
+    return [normalize_text(t) for t in texts]
 
 
 def _logit(p: float) -> float:

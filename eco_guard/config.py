@@ -242,13 +242,16 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             return {**s, "path": fix(s["path"])}
         return fix(s)
 
+    def fix_terms(items: list[Any]) -> list[Any]:  # a bare string is a term, not a path
+        return [fix_source(t) if isinstance(t, dict) else t for t in items]
+
     clf = data.setdefault("classifier", {})
     if isinstance(clf, dict):
         clf["path"] = fix(clf.get("path", "classifier"))
         if isinstance(clf.get("negatives"), list):
             clf["negatives"] = [fix_source(s) for s in clf["negatives"]]
         if isinstance(clf.get("contrast_terms"), list):
-            clf["contrast_terms"] = [fix_source(t) if isinstance(t, dict) else t for t in clf["contrast_terms"]]
+            clf["contrast_terms"] = fix_terms(clf["contrast_terms"])
         if isinstance(clf.get("encoder"), str) and clf["encoder"] != "default":
             clf["encoder"] = fix(clf["encoder"])
     model = data.get("model")
@@ -258,7 +261,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(topic, dict) and isinstance(topic.get("data"), list):
             topic["data"] = [fix_source(s) for s in topic["data"]]
         if isinstance(topic, dict) and isinstance(topic.get("terms"), list):
-            topic["terms"] = [fix_source(t) if isinstance(t, dict) else t for t in topic["terms"]]
+            topic["terms"] = fix_terms(topic["terms"])
 
 
 def _check_topic_names(data: dict[str, Any], file: str, lines: dict[tuple, int]) -> None:

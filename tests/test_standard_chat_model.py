@@ -8,8 +8,10 @@ runs without cassettes because nothing here goes over HTTP.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 from unittest import mock
 from pathlib import Path
@@ -34,7 +36,9 @@ def tiny_model_folder() -> str:
     from eco_guard.backends.local import resolve_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
-    folder = Path(tempfile.mkdtemp(prefix="eco-guard-test-")) / "tiny-random-llama"
+    root = tempfile.mkdtemp(prefix="eco-guard-test-")  # a property cannot take tmp_path_factory
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    folder = Path(root) / "tiny-random-llama"
     build_tiny_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
