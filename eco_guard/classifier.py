@@ -41,7 +41,7 @@ from torch import nn
 from eco_guard.classifier_data import data_hash, read_prompts, read_rows, read_terms
 from eco_guard.classifier_training import TrainingSettings, calibrate, fit
 from eco_guard.errors import ClassifierError, InputError
-from eco_guard.text import TermMatcher, normalize_text
+from eco_guard.text import TermMatcher, english_words, normalize_text
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -124,8 +124,10 @@ class PromptClassifier:
         self._stride = int(metadata["window_stride"])
         self._infer = _inference_copy(net, quantize=bool(metadata.get("quantize", False)))
         self.terms: dict[str, list[str]] = {t: list(metadata.get("terms", {}).get(t, [])) for t in self.topics}
-        # Typo matching skips real words: the encoder's whole-word vocabulary stands in for a dictionary.
-        known = frozenset(w for w in self._tokenizer.get_vocab() if w.isalpha()) if any(self.terms.values()) else frozenset()
+        # Typo matching skips real words: an English dictionary plus the encoder's whole-word vocabulary.
+        known: frozenset[str] = frozenset()
+        if any(self.terms.values()):
+            known = english_words() | {w for w in self._tokenizer.get_vocab() if w.isalpha()}
         self._matchers = {t: TermMatcher(v, known_words=known) for t, v in self.terms.items() if v}
 
     # ------------------------------------------------------------------ building
@@ -136,7 +138,9 @@ class PromptClassifier:
               max_false_positive_rate: float | Mapping[str, float] = 0.01,
               thresholds: Mapping[str, float | None] | None = None,
               terms: Mapping[str, Sequence[str]] | None = None,
-              contrast_terms: Sequence[str] = ()) -> PromptClassifier:
+              contrast_terms: Sequence[str] = (),
+              train_only_positives: Mapping[str, Sequence[str]] | None = None,
+              train_only_negatives: Sequence[str] = ()) -> PromptClassifier:
         """Fine-tune (or fit a frozen-encoder head), then calibrate thresholds on held-out negatives.
 
         Args:
@@ -151,6 +155,9 @@ class PromptClassifier:
                 normalisation); training also learns them from prompts built around each.
             contrast_terms: names that are about no topic (neighbouring works, namesakes);
                 training adds negative prompts built around each, with the same templates.
+            train_only_positives: per topic, prompts that always train (never held out to report the FNR).
+            train_only_negatives: negatives that always train (never held out to calibrate): curated
+                hard cases that would otherwise set the false-positive budget of ordinary traffic.
 
         Raises:
             ConfigError: unknown or invalid training settings.
@@ -160,17 +167,20 @@ class PromptClassifier:
         terms = {t: list(dict.fromkeys((terms or {}).get(t, []))) for t in positives}
         st, net = _load_encoder(encoder, len(positives))
         contrast_terms = list(dict.fromkeys(contrast_terms))
+        train_only = {"positives": dict(train_only_positives or {}), "negatives": list(train_only_negatives)}
         result = fit(net, _Batcher(st, s.window_tokens), positives, negatives, s, progress=progress, terms=terms,
-                     contrast_terms=contrast_terms)
+                     contrast_terms=contrast_terms, train_only_positives=train_only["positives"],
+                     train_only_negatives=train_only["negatives"])
         metadata = {
             "format_version": FORMAT_VERSION, "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
             "window_tokens": s.window_tokens, "window_stride": s.window_stride, "quantize": s.quantize,
-            "settings": s.model_dump(), "data_hash": data_hash(positives, negatives, terms, contrast_terms), "terms": terms,
-            "contrast_terms": contrast_terms,
+            "settings": s.model_dump(), "terms": terms, "contrast_terms": contrast_terms,
+            "data_hash": data_hash(positives, negatives, terms, contrast_terms, train_only["positives"],
+                                   train_only["negatives"]),
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
         }
         clf = cls(st, net, list(positives), {t: 1.0 for t in positives}, metadata, {})
-        clf.metadata["term_hits_in_negatives"] = clf._term_hits_in(negatives)
+        clf.metadata["term_hits_in_negatives"] = clf._term_hits_in([*negatives, *train_only["negatives"]])
         # Thresholds come from the encoder's scores alone (a term hit is 1.0 whatever the threshold);
         # the hold-out FNR is that of the whole classifier, terms included.
         neg = clf._probabilities(result.calibration_negatives)
@@ -195,13 +205,16 @@ class PromptClassifier:
         """
         where = f"{cfg.source}: classifier.training" if cfg.source else "classifier.training"
         settings = TrainingSettings.parse(cfg.classifier.training, where=where)
-        positives = {t.name: [p for src in t.data for p in read_prompts(src)] for t in cfg.topics}
-        negatives = [p for src in cfg.classifier.negatives for p in read_prompts(src)]
+        positives = {t.name: [p for src in t.data if src.holdout for p in read_prompts(src)] for t in cfg.topics}
+        negatives = [p for src in cfg.classifier.negatives if src.holdout for p in read_prompts(src)]
+        extra_pos = {t.name: [p for src in t.data if not src.holdout for p in read_prompts(src)] for t in cfg.topics}
+        extra_neg = [p for src in cfg.classifier.negatives if not src.holdout for p in read_prompts(src)]
         terms = {t.name: read_terms(t.terms) for t in cfg.topics}
         contrast = read_terms(cfg.classifier.contrast_terms)
         fpr = {t.name: t.max_false_positive_rate for t in cfg.topics}
         fixed = {t.name: t.threshold for t in cfg.topics}
-        expected = {"data_hash": data_hash(positives, negatives, terms, contrast), "settings": settings.model_dump(),
+        expected = {"data_hash": data_hash(positives, negatives, terms, contrast, extra_pos, extra_neg),
+                    "settings": settings.model_dump(),
                     "encoder": cfg.classifier.encoder, "topics": list(positives)}
         path = Path(cfg.classifier.path)
         # One process trains, the others wait and then load its result (e.g. several server workers
@@ -221,7 +234,7 @@ class PromptClassifier:
                                       f"run `eco-guard train {cfg.source or 'CONFIG'}`")
             clf = cls.train(positives, negatives, encoder=cfg.classifier.encoder, settings=settings,
                             progress=progress, max_false_positive_rate=fpr, thresholds=fixed, terms=terms,
-                            contrast_terms=contrast)
+                            contrast_terms=contrast, train_only_positives=extra_pos, train_only_negatives=extra_neg)
             _save_whole(clf, path)
             return clf
 

@@ -137,7 +137,9 @@ def read_terms(items: Sequence[Any]) -> list[str]:
 
 
 def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
-              terms: Mapping[str, Sequence[str]] | None = None, contrast_terms: Sequence[str] = ()) -> str:
+              terms: Mapping[str, Sequence[str]] | None = None, contrast_terms: Sequence[str] = (),
+              train_only_positives: Mapping[str, Sequence[str]] | None = None,
+              train_only_negatives: Sequence[str] = ()) -> str:
     """SHA-256 of the training prompts and topic terms (topic order and prompt order included).
 
     Example:
@@ -149,5 +151,8 @@ def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
         data["terms"] = {t: list(v) for t, v in terms.items()}
     if contrast_terms:
         data["contrast_terms"] = list(contrast_terms)
+    if any((train_only_positives or {}).values()) or train_only_negatives:  # absent: older hashes still match
+        data["train_only"] = {"positives": {t: list(p) for t, p in (train_only_positives or {}).items()},
+                              "negatives": list(train_only_negatives)}
     blob = json.dumps(data, ensure_ascii=False, sort_keys=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

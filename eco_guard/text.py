@@ -17,12 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import gzip
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
+from importlib import resources
 from typing import Final
 
-__all__ = ["CONFUSABLES", "normalize_text"]
+__all__ = ["CONFUSABLES", "english_words", "normalize_text"]
 
 # Look-alike letters from other scripts, mapped to the Latin letter they imitate
 # (a hand-picked subset of Unicode's confusables.txt: the ones that render as
@@ -164,6 +168,17 @@ class TermMatcher:
 
 
 _WORDS = re.compile(r"[a-z]+")
+
+
+@functools.cache
+def english_words() -> frozenset[str]:
+    """About 160,000 lower-case English words (pyspellchecker's frequency list), read once.
+
+    Typo matching must not turn real words into terms: "plagues" is one letter from
+    "Plagueis", "pensive" from "Pensieve", "estrange" from "Lestrange".
+    """
+    with resources.files("spellchecker").joinpath("resources", "en.json.gz").open("rb") as raw:
+        return frozenset(w for w in json.load(gzip.open(raw)) if w.isalpha())
 
 
 def _deletes(word: str) -> set[str]:

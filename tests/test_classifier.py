@@ -411,6 +411,18 @@ def test_term_matcher_allows_one_typo_in_long_terms_but_not_real_words():
     assert m.find("snape's potions") == "snape's"
 
 
+def test_english_words_keep_real_words_from_becoming_terms():
+    from eco_guard.text import TermMatcher, english_words, normalize_text
+
+    terms = ["Darth Plagueis", "Plagueis", "Pensieve", "Lestrange", "Quibbler", "Dumbledore"]
+    bare, guarded = TermMatcher(terms), TermMatcher(terms, known_words=english_words())
+    real = ["Which plagues hit medieval Europe?", "a pensive mood", "estrange a friend", "they quibbled"]
+    assert all(bare.find(normalize_text(t)) for t in real)        # each is one edit from a term
+    assert [guarded.find(normalize_text(t)) for t in real] == [None] * 4
+    assert guarded.find(normalize_text("the pensieve scene")) == "pensieve"
+    assert guarded.find(normalize_text("is dumbeldore dead")) == "dumbeldore"   # misspellings are not words
+
+
 def test_typo_in_a_term_still_flags(tiny_encoder):
     clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
                                  max_false_positive_rate=0.1, terms={"space": ["Chewbacca"]})
@@ -456,3 +468,53 @@ def test_terms_in_other_scripts_and_russian_case_endings():
     assert m.find(normalize_text("Сколько фильмов «Звездные войны»?")) is not None   # ё written as е
     assert m.find(normalize_text("Qui a détruit l'Étoile de la Mort ?")) == "etoile de la mort"
     assert m.find(normalize_text("pottery classes")) is None   # Latin terms keep whole-word matching
+
+
+def test_frozen_layers_stay_fixed_while_the_rest_trains(tiny_encoder):
+    import torch
+
+    from eco_guard.classifier import _load_encoder
+
+    original = _load_encoder(str(tiny_encoder), 2)[1].transformer.encoder.layer[0].state_dict()
+
+    def layer_changed(frozen_layers: int) -> bool:
+        clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, max_false_positive_rate=0.1,
+                                     settings={**FAST, "frozen_layers": frozen_layers, "learning_rate": 1e-3})
+        trained = clf._net.transformer.encoder.layer[0].state_dict()
+        return any(not torch.equal(original[k], trained[k]) for k in original)
+
+    assert layer_changed(0) and not layer_changed(1)
+    with pytest.raises(ConfigError, match="frozen_layers: 2 exceeds the encoder's 1 layers"):
+        PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, settings={**FAST, "frozen_layers": 2})
+
+
+def test_train_only_data_never_calibrates_or_reports(tiny_encoder, tmp_path):
+    from eco_guard.config import load_config
+
+    hard = [f"How do I glaze pottery piece {i} before firing it in the kiln" for i in range(10)]
+    cfg_path = tmp_path / "guard.yaml"
+    (tmp_path / "neg.csv").write_text("text\n" + "\n".join(NEG) + "\n")
+    (tmp_path / "hard.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in [*hard, NEG[0]]) + "\n")
+    (tmp_path / "wiz.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in POS["wizards"]) + "\n")
+    (tmp_path / "wiz_extra.jsonl").write_text(json.dumps({"text": "Which wand suits a first-year wizard?"}) + "\n")
+    cfg_path.write_text(f"""
+classifier:
+  encoder: {tiny_encoder}
+  path: ./clf
+  negatives: [neg.csv, {{path: hard.jsonl, holdout: false}}]
+  training: {json.dumps(FAST)}
+topics:
+  - name: wizards
+    data: [wiz.jsonl, {{path: wiz_extra.jsonl, holdout: false}}]
+    max_false_positive_rate: 0.1
+""")
+    clf = PromptClassifier.from_config(load_config(cfg_path), progress=False)
+    report = clf.metadata["calibration"]["wizards"]
+    # NEG[0] is also train-only: it may not calibrate, whichever side of the split it fell on
+    assert report["n_negatives"] in (len(NEG) // 2, len(NEG) // 2 - 1)
+    assert report["n_holdout_positives"] == round(len(POS["wizards"]) * FAST["positive_holdout_fraction"])
+    assert clf.metadata["data_hash"] != PromptClassifier.train(
+        {"wizards": POS["wizards"]}, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+        max_false_positive_rate=0.1).metadata["data_hash"]
+    assert PromptClassifier.from_config(load_config(cfg_path), progress=False, train_if_missing=False).thresholds \
+        == clf.thresholds   # the saved classifier is up to date: loads, no retraining
