@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from eco_guard.augment import add_typos  # noqa: E402
 from eco_guard.classifier import PromptClassifier, read_rows  # noqa: E402
 from eco_guard.config import load_config  # noqa: E402
-from eco_guard.eval.classifier_report import EvalRow, evaluate, plot_histograms, to_markdown  # noqa: E402
+from eco_guard.eval.classifier_report import EvalRow, evaluate, load_eval_rows, plot_histograms, to_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent.parent / "shared" / "data"
@@ -194,10 +194,11 @@ def train(config: Path, frozen: bool, out: Path) -> tuple[PromptClassifier, floa
     return clf, time.perf_counter() - start
 
 
-def quality(clf: PromptClassifier, dev: list[EvalRow], robust: list[EvalRow]) -> dict:
-    report = evaluate(clf, dev)
-    attacked = evaluate(clf, robust)
-    return {"dev": report, "robustness": attacked}
+def quality(clf: PromptClassifier, dev: list[EvalRow], robust: list[EvalRow], heldout: list[EvalRow]) -> dict:
+    q = {"dev": evaluate(clf, dev), "robustness": evaluate(clf, robust)}
+    if heldout:
+        q["heldout"] = evaluate(clf, heldout)
+    return q
 
 
 def summary_lines(name: str, q: dict, train_s: float | None, speeds: list[dict]) -> list[str]:
@@ -214,6 +215,15 @@ def summary_lines(name: str, q: dict, train_s: float | None, speeds: list[dict])
     for kind, g in rob["groups"].get("kind", {}).items():
         fpr = "n/a" if g["fpr"] is None else f"{100 * g['fpr']:.1f}%"
         lines.append(f"| unseen {kind}: FNR / FPR | {100 * g['fnr']:.1f}% / {fpr} (n={g['positives']}/{g['negatives']}) | |")
+    if "heldout" in q:
+        ho = q["heldout"]
+        for t, m in ho["topics"].items():
+            lines.append(f"| held-out FNR {t} | {100 * m['fnr']:.1f}% ({m['false_negatives']}/{m['positives']}) | <= 2% |")
+        for kind, g in ho["groups"].get("kind", {}).items():
+            if g["negatives"]:
+                lines.append(f"| held-out FPR, {kind} | {100 * g['fpr']:.1f}% (of {g['negatives']}) | <= 1% |")
+        lines.append(f"| held-out FPR, all | {100 * ho['overall']['fpr_any_topic']:.1f}% "
+                     f"({ho['overall']['flagged']}/{ho['overall']['negatives']}) | <= 1% |")
     if train_s is not None:
         lines.append(f"| training time (fit; calibration excluded) | {train_s:.0f} s | <= 300 s |")
     for sp in speeds:
@@ -233,12 +243,15 @@ def main() -> None:
                     "on shared cores more threads were measured slower, see the README)")
     ap.add_argument("--speed-threads", default="1,2", help="thread counts for the latency/throughput runs")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
+    ap.add_argument("--heldout", type=Path, default=ROOT / "heldout" / "fresh.jsonl",
+                    help="a labelled JSONL (text, topic, kind) written after the config was frozen; skipped if missing")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     dev = dev_rows()
     robust = robustness_rows(dev)
+    heldout = load_eval_rows([args.heldout], TOPICS) if args.heldout.is_file() else []
     results: dict = {"command": "python benchmarks/bench_classifier.py " + " ".join(sys.argv[1:]),
                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "load_avg_at_start": os.getloadavg()}, "targets": TARGETS, "variants": {}}
@@ -255,20 +268,23 @@ def main() -> None:
         else:
             clf, _ = train(args.config, frozen, args.out)
             train_s = clf.metadata.get("train_seconds")
-        q = quality(clf, dev, robust)
+        q = quality(clf, dev, robust, heldout)
         speeds = [measure_speed(clf, [r.text for r in dev], args.reps, int(n)) for n in args.speed_threads.split(",")]
         plot_histograms(q["dev"], args.out / f"dev_histograms_{slug}.png")
         plot_histograms(q["robustness"], args.out / f"robustness_histograms_{slug}.png")
         results["variants"][slug] = {
             "train_seconds": train_s, "speed": speeds, "calibration": clf.metadata.get("calibration"),
             "settings": clf.metadata.get("settings"),
-            "dev": {k: v for k, v in q["dev"].items() if not k.startswith("_")},
-            "robustness": {k: v for k, v in q["robustness"].items() if not k.startswith("_")},
+            **{part: {k: v for k, v in q[part].items() if not k.startswith("_")} for part in q},
         }
         md += summary_lines(name, q, train_s, speeds)
         md += ["<details><summary>dev report</summary>", "", to_markdown(q["dev"], f"{name}: dev split"),
                "</details>", "", "<details><summary>robustness report</summary>", "",
                to_markdown(q["robustness"], f"{name}: unseen attacks"), "</details>", ""]
+        if heldout:
+            plot_histograms(q["heldout"], args.out / f"heldout_histograms_{slug}.png")
+            md += ["<details><summary>held-out report</summary>", "",
+                   to_markdown(q["heldout"], f"{name}: held-out set ({args.heldout.name})"), "</details>", ""]
         print("\n".join(summary_lines(name, q, train_s, speeds)), flush=True)
         # written after each variant, so a later failure keeps what was measured
         (args.out / "classifier.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")

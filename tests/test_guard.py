@@ -200,12 +200,13 @@ def test_real_demo_classifier_uses_terms_typos_and_contrast(demo_guard):
     prompts = ["Is Dumbeldore really dead?",                          # term, one typo
                "tell me about nagini",                                 # term, lower case
                "Who was Harry Houdini?",                               # contrast: a namesake
-               "How do I center clay on a pottery wheel?"]             # contrast: the craft
+               "How do I center clay on a pottery wheel?",             # contrast: the craft
+               "Why do I feel so pensive after long runs?"]            # a real word one letter from Pensieve
     matched = clf.matched_terms(prompts)
     assert matched[0] == {"harry_potter": "dumbeldore"} and matched[1] == {"harry_potter": "nagini"}
-    assert matched[2] == matched[3] == {}
+    assert matched[2] == matched[3] == matched[4] == {}
     verdicts = clf.classify(prompts)
-    assert [v.flagged for v in verdicts] == [True, True, False, False]
+    assert [v.flagged for v in verdicts] == [True, True, False, False, False]
     assert [v.terms for v in verdicts] == matched
     decision = demo_guard.route(GuardRequest.of(prompts[0])).decision
     assert decision.route == "corrupted" and decision.terms == {"harry_potter": "dumbeldore"}
