@@ -16,13 +16,14 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from eco_guard.errors import DataError
 
-__all__ = ["data_hash", "read_prompts", "read_rows", "read_terms"]
+__all__ = ["data_hash", "read_prompts", "read_rows", "read_terms", "suggest_terms"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
@@ -156,3 +157,43 @@ def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
                               "negatives": list(train_only_negatives)}
     blob = json.dumps(data, ensure_ascii=False, sort_keys=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def suggest_terms(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
+                  terms: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[tuple[str, int]]]:
+    """Per topic, capitalised names in its prompts that could become terms, most frequent first.
+
+    A candidate is not matched by the topic's terms already, occurs in no negative and no
+    other topic's prompts, and (if one word) is not an English word ("Force", "Empire").
+    Review them: a name can still be an ordinary phrase ("A New Hope").
+
+    Example:
+        >>> suggest_terms({"sw": ["Rides at Galaxy's Edge?", "Is Galaxy's Edge fun?", "Who is Yoda?"]},
+        ...               ["Trip to London"], {"sw": ["Yoda"]})
+        {'sw': [("Galaxy's Edge", 2)]}
+    """
+    from collections import Counter
+
+    from eco_guard.augment import entity_prompts
+    from eco_guard.text import TermMatcher, english_words, normalize_text, term_pattern
+
+    def names(text: str) -> list[str]:  # "Rey's" counts as "Rey"; "Mc" (cut from "McGonagall") is no name
+        bare = (re.sub(r"['’]s?$", "", n) for n in entity_prompts(text))
+        return list(dict.fromkeys(n for n in bare if len(n.split()[-1]) > 2))
+
+    found = {t: Counter(n for text in texts for n in names(text)) for t, texts in positives.items()}
+    out: dict[str, list[tuple[str, int]]] = {}
+    for topic, counts in found.items():
+        others = [*negatives, *(p for t, texts in positives.items() if t != topic for p in texts)]
+        others_text = "\n".join(normalize_text(o) for o in others)
+        covered = TermMatcher(list((terms or {}).get(topic, ())))
+        keep = []
+        for name, n in counts.most_common():
+            norm = normalize_text(name)
+            if covered.find(norm) or (" " not in norm and re.sub(r"['’]s?$", "", norm) in english_words()):
+                continue
+            pattern = term_pattern([name])
+            if pattern is not None and not pattern.search(others_text):
+                keep.append((name, n))
+        out[topic] = keep
+    return out

@@ -153,6 +153,29 @@ def _add_eval_classifier(subparsers: Any) -> None:
     sp.set_defaults(func=_run_eval_classifier)
 
 
+def _run_suggest_terms(args: argparse.Namespace) -> int:
+    from eco_guard.classifier_data import read_prompts, read_terms, suggest_terms
+    from eco_guard.config import load_config
+
+    cfg = load_config(args.config)
+    positives = {t.name: [p for src in t.data for p in read_prompts(src)] for t in cfg.topics}
+    negatives = [p for src in cfg.classifier.negatives for p in read_prompts(src)]
+    terms = {t.name: read_terms(t.terms) for t in cfg.topics}
+    for topic, names in suggest_terms(positives, negatives, terms).items():
+        print(f"{topic}: {len(names)} candidate terms (prompts naming it; review before adding)")
+        for name, n in names[:args.top]:
+            print(f"  {n:4d}  {name}")
+    return 0
+
+
+def _add_suggest_terms(subparsers: Any) -> None:
+    sp = subparsers.add_parser("suggest-terms", help="names in a topic's prompts that its terms miss "
+                               "and no negative or other topic uses")
+    sp.add_argument("config", help="YAML config")
+    sp.add_argument("--top", type=int, default=40, help="candidates shown per topic")
+    sp.set_defaults(func=_run_suggest_terms)
+
+
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_classify(subparsers)
     _add_eval_classifier(subparsers)
+    _add_suggest_terms(subparsers)
     return parser
 
 

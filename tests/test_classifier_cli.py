@@ -82,3 +82,17 @@ def test_eval_rows_need_a_truth(tmp_path):
     with pytest.raises(ValueError, match=rf"{path}:2: label 1 but no 'topic' field"):
         load_eval_rows([path], ["space", "wizards"])
     assert [r.topic for r in load_eval_rows([path], ["space"])] == ["space", "space"]
+
+
+def test_suggest_terms_lists_distinctive_names_only(tmp_path, capsys):
+    (tmp_path / "sw.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [
+        "Which rides at Galaxy's Edge are best?", "Is Galaxy's Edge worth it?", "Who flies the Razor Crest?",
+        "Was Yoda ever in London?", "Is the Force real?", "Why did Rey's parents leave her?"]))
+    (tmp_path / "neg.jsonl").write_text(json.dumps({"text": "Cheap hotels in London"}) + "\n")
+    (tmp_path / "g.yaml").write_text("classifier: {negatives: [neg.jsonl]}\n"
+                                     "topics: [{name: star_wars, data: [sw.jsonl], terms: [Yoda]}]\n")
+    assert main(["suggest-terms", str(tmp_path / "g.yaml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("star_wars: 3 candidate terms")
+    assert [line.split(maxsplit=1) for line in out[1:]] == [["2", "Galaxy's Edge"], ["1", "Razor Crest"], ["1", "Rey"]]
+    # not suggested: Yoda (a term already), London (in a negative), Force (an English word)
