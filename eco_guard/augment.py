@@ -92,7 +92,9 @@ TERM_TEMPLATES: Final[tuple[str, ...]] = (
 )
 
 _KEYBOARD: Final[str] = "qwertyuiopasdfghjklzxcvbnm"
-_NAME = re.compile(r"(?<![.!?]\s)(?<!^)\b([A-Z][a-z'’]+(?:[ -](?:of |the |de )?[A-Z][a-z'’]+)*)")
+# A capitalised word may have inner capitals and accents ("McGonagall", "Padmé", "O'Brien").
+_WORD = r"[A-Z][a-zß-öø-ÿ'’]+(?:[A-Z][a-zß-öø-ÿ'’]+)*"
+_NAME = re.compile(rf"(?<![.!?]\s)(?<!^)\b({_WORD}(?:[ -](?:of |the |de )?{_WORD})*)")
 _STOP_NAMES: Final[frozenset[str]] = frozenset({"I", "I'm", "What", "Who", "Why", "How", "The", "In", "A", "Is", "Can", "Do"})
 
 
@@ -137,6 +139,8 @@ def entity_prompts(text: str) -> list[str]:
     Example:
         >>> entity_prompts("Why does Severus Snape protect Harry at Hogwarts?")
         ['Severus Snape', 'Harry', 'Hogwarts']
+        >>> entity_prompts("Did Professor McGonagall ever meet Padmé?")
+        ['Professor McGonagall', 'Padmé']
     """
     names = [m.group(1) for m in _NAME.finditer(text)]
     return [n for n in names if n not in _STOP_NAMES]
