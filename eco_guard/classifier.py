@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eco_guard.classifier_data import data_hash, read_prompts, read_rows, read_terms
+from eco_guard.classifier_data import TrainingData, data_hash, read_prompts, read_rows
 from eco_guard.classifier_training import TrainingSettings, calibrate, fit
 from eco_guard.errors import ClassifierError, InputError
 from eco_guard.text import TermMatcher, english_words, normalize_text
@@ -167,20 +167,18 @@ class PromptClassifier:
         terms = {t: list(dict.fromkeys((terms or {}).get(t, []))) for t in positives}
         st, net = _load_encoder(encoder, len(positives))
         contrast_terms = list(dict.fromkeys(contrast_terms))
-        train_only = {"positives": dict(train_only_positives or {}), "negatives": list(train_only_negatives)}
+        extra_pos, extra_neg = dict(train_only_positives or {}), list(train_only_negatives)
         result = fit(net, _Batcher(st, s.window_tokens), positives, negatives, s, progress=progress, terms=terms,
-                     contrast_terms=contrast_terms, train_only_positives=train_only["positives"],
-                     train_only_negatives=train_only["negatives"])
+                     contrast_terms=contrast_terms, train_only_positives=extra_pos, train_only_negatives=extra_neg)
         metadata = {
             "format_version": FORMAT_VERSION, "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
             "window_tokens": s.window_tokens, "window_stride": s.window_stride, "quantize": s.quantize,
             "settings": s.model_dump(), "terms": terms, "contrast_terms": contrast_terms,
-            "data_hash": data_hash(positives, negatives, terms, contrast_terms, train_only["positives"],
-                                   train_only["negatives"]),
+            "data_hash": data_hash(positives, negatives, terms, contrast_terms, extra_pos, extra_neg),
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
         }
         clf = cls(st, net, list(positives), {t: 1.0 for t in positives}, metadata, {})
-        clf.metadata["term_hits_in_negatives"] = clf._term_hits_in([*negatives, *train_only["negatives"]])
+        clf.metadata["term_hits_in_negatives"] = clf._term_hits_in([*negatives, *extra_neg])
         # Thresholds come from the encoder's scores alone (a term hit is 1.0 whatever the threshold);
         # the hold-out FNR is that of the whole classifier, terms included.
         neg = clf._probabilities(result.calibration_negatives)
@@ -205,17 +203,11 @@ class PromptClassifier:
         """
         where = f"{cfg.source}: classifier.training" if cfg.source else "classifier.training"
         settings = TrainingSettings.parse(cfg.classifier.training, where=where)
-        positives = {t.name: [p for src in t.data if src.holdout for p in read_prompts(src)] for t in cfg.topics}
-        negatives = [p for src in cfg.classifier.negatives if src.holdout for p in read_prompts(src)]
-        extra_pos = {t.name: [p for src in t.data if not src.holdout for p in read_prompts(src)] for t in cfg.topics}
-        extra_neg = [p for src in cfg.classifier.negatives if not src.holdout for p in read_prompts(src)]
-        terms = {t.name: read_terms(t.terms) for t in cfg.topics}
-        contrast = read_terms(cfg.classifier.contrast_terms)
+        data = TrainingData.from_config(cfg)
         fpr = {t.name: t.max_false_positive_rate for t in cfg.topics}
         fixed = {t.name: t.threshold for t in cfg.topics}
-        expected = {"data_hash": data_hash(positives, negatives, terms, contrast, extra_pos, extra_neg),
-                    "settings": settings.model_dump(),
-                    "encoder": cfg.classifier.encoder, "topics": list(positives)}
+        expected = {"data_hash": data.hash(), "settings": settings.model_dump(),
+                    "encoder": cfg.classifier.encoder, "topics": list(data.positives)}
         path = Path(cfg.classifier.path)
         # One process trains, the others wait and then load its result (e.g. several server workers
         # starting at once on an empty cache); the folder is swapped in whole, never seen half-written.
@@ -232,9 +224,10 @@ class PromptClassifier:
             if not train_if_missing:
                 raise ClassifierError(f"{path}: no trained classifier for these topics; "
                                       f"run `eco-guard train {cfg.source or 'CONFIG'}`")
-            clf = cls.train(positives, negatives, encoder=cfg.classifier.encoder, settings=settings,
-                            progress=progress, max_false_positive_rate=fpr, thresholds=fixed, terms=terms,
-                            contrast_terms=contrast, train_only_positives=extra_pos, train_only_negatives=extra_neg)
+            clf = cls.train(data.positives, data.negatives, encoder=cfg.classifier.encoder, settings=settings,
+                            progress=progress, max_false_positive_rate=fpr, thresholds=fixed, terms=data.terms,
+                            contrast_terms=data.contrast_terms, train_only_positives=data.train_only_positives,
+                            train_only_negatives=data.train_only_negatives)
             _save_whole(clf, path)
             return clf
 

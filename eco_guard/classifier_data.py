@@ -18,12 +18,13 @@ import io
 import json
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eco_guard.errors import DataError
 
-__all__ = ["data_hash", "read_prompts", "read_rows", "read_terms", "suggest_terms"]
+__all__ = ["TrainingData", "data_hash", "read_prompts", "read_rows", "read_terms", "suggest_terms"]
 
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
@@ -137,6 +138,37 @@ def read_terms(items: Sequence[Any]) -> list[str]:
     return list(dict.fromkeys(t for t in terms if t))
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """Everything a config gives the classifier to train on, read from its files.
+
+    ``positives``/``negatives`` come from files that may be held out; ``train_only_*`` from
+    files marked ``holdout: false``.
+    """
+
+    positives: dict[str, list[str]]
+    negatives: list[str]
+    train_only_positives: dict[str, list[str]]
+    train_only_negatives: list[str]
+    terms: dict[str, list[str]]
+    contrast_terms: list[str]
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrainingData:
+        """Read a ``GuardConfig``'s data files and term lists (errors name file and line)."""
+        def prompts(sources: Sequence[Any], holdout: bool) -> list[str]:
+            return [p for src in sources if src.holdout == holdout for p in read_prompts(src)]
+
+        return cls({t.name: prompts(t.data, True) for t in cfg.topics}, prompts(cfg.classifier.negatives, True),
+                   {t.name: prompts(t.data, False) for t in cfg.topics}, prompts(cfg.classifier.negatives, False),
+                   {t.name: read_terms(t.terms) for t in cfg.topics}, read_terms(cfg.classifier.contrast_terms))
+
+    def hash(self) -> str:
+        """:func:`data_hash` of all of it."""
+        return data_hash(self.positives, self.negatives, self.terms, self.contrast_terms,
+                         self.train_only_positives, self.train_only_negatives)
+
+
 def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
               terms: Mapping[str, Sequence[str]] | None = None, contrast_terms: Sequence[str] = (),
               train_only_positives: Mapping[str, Sequence[str]] | None = None,
@@ -182,18 +214,14 @@ def suggest_terms(positives: Mapping[str, Sequence[str]], negatives: Sequence[st
         return list(dict.fromkeys(n for n in bare if len(n.split()[-1]) > 2))
 
     found = {t: Counter(n for text in texts for n in names(text)) for t, texts in positives.items()}
+    normalized = {t: "\n".join(normalize_text(p) for p in texts) for t, texts in positives.items()}
+    negative_text = "\n".join(normalize_text(p) for p in negatives)
     out: dict[str, list[tuple[str, int]]] = {}
     for topic, counts in found.items():
-        others = [*negatives, *(p for t, texts in positives.items() if t != topic for p in texts)]
-        others_text = "\n".join(normalize_text(o) for o in others)
+        others_text = "\n".join([negative_text, *(v for t, v in normalized.items() if t != topic)])
         covered = TermMatcher(list((terms or {}).get(topic, ())))
-        keep = []
-        for name, n in counts.most_common():
-            norm = normalize_text(name)
-            if covered.find(norm) or (" " not in norm and re.sub(r"['’]s?$", "", norm) in english_words()):
-                continue
-            pattern = term_pattern([name])
-            if pattern is not None and not pattern.search(others_text):
-                keep.append((name, n))
-        out[topic] = keep
+        out[topic] = [(name, n) for name, n in counts.most_common()
+                      if not covered.find(norm := normalize_text(name))
+                      and not (" " not in norm and norm in english_words())
+                      and not term_pattern([name]).search(others_text)]  # type: ignore[union-attr]
     return out

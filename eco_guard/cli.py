@@ -154,14 +154,12 @@ def _add_eval_classifier(subparsers: Any) -> None:
 
 
 def _run_suggest_terms(args: argparse.Namespace) -> int:
-    from eco_guard.classifier_data import read_prompts, read_terms, suggest_terms
+    from eco_guard.classifier_data import TrainingData, suggest_terms
     from eco_guard.config import load_config
 
-    cfg = load_config(args.config)
-    positives = {t.name: [p for src in t.data for p in read_prompts(src)] for t in cfg.topics}
-    negatives = [p for src in cfg.classifier.negatives for p in read_prompts(src)]
-    terms = {t.name: read_terms(t.terms) for t in cfg.topics}
-    for topic, names in suggest_terms(positives, negatives, terms).items():
+    data = TrainingData.from_config(load_config(args.config))
+    positives = {t: p + data.train_only_positives[t] for t, p in data.positives.items()}
+    for topic, names in suggest_terms(positives, data.negatives + data.train_only_negatives, data.terms).items():
         print(f"{topic}: {len(names)} candidate terms (prompts naming it; review before adding)")
         for name, n in names[:args.top]:
             print(f"  {n:4d}  {name}")
