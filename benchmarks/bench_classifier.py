@@ -194,10 +194,12 @@ def train(config: Path, frozen: bool, out: Path) -> tuple[PromptClassifier, floa
     return clf, time.perf_counter() - start
 
 
-def quality(clf: PromptClassifier, dev: list[EvalRow], robust: list[EvalRow], heldout: list[EvalRow]) -> dict:
+def quality(clf: PromptClassifier, dev: list[EvalRow], robust: list[EvalRow],
+            heldout: dict[str, list[EvalRow]]) -> dict:
+    """Reports per part: ``dev``, ``robustness`` and ``heldout:<file name>`` for each held-out set."""
     q = {"dev": evaluate(clf, dev), "robustness": evaluate(clf, robust)}
-    if heldout:
-        q["heldout"] = evaluate(clf, heldout)
+    for name, rows in heldout.items():
+        q[f"heldout:{name}"] = evaluate(clf, rows)
     return q
 
 
@@ -215,14 +217,16 @@ def summary_lines(name: str, q: dict, train_s: float | None, speeds: list[dict])
     for kind, g in rob["groups"].get("kind", {}).items():
         fpr = "n/a" if g["fpr"] is None else f"{100 * g['fpr']:.1f}%"
         lines.append(f"| unseen {kind}: FNR / FPR | {100 * g['fnr']:.1f}% / {fpr} (n={g['positives']}/{g['negatives']}) | |")
-    if "heldout" in q:
-        ho = q["heldout"]
+    for part, ho in q.items():
+        if not part.startswith("heldout:"):
+            continue
+        name = part.removeprefix("heldout:")
         for t, m in ho["topics"].items():
-            lines.append(f"| held-out FNR {t} | {100 * m['fnr']:.1f}% ({m['false_negatives']}/{m['positives']}) | <= 2% |")
+            lines.append(f"| {name} FNR {t} | {100 * m['fnr']:.1f}% ({m['false_negatives']}/{m['positives']}) | <= 2% |")
         for kind, g in ho["groups"].get("kind", {}).items():
             if g["negatives"]:
-                lines.append(f"| held-out FPR, {kind} | {100 * g['fpr']:.1f}% (of {g['negatives']}) | <= 1% |")
-        lines.append(f"| held-out FPR, all | {100 * ho['overall']['fpr_any_topic']:.1f}% "
+                lines.append(f"| {name} FPR, {kind} | {100 * g['fpr']:.1f}% (of {g['negatives']}) | <= 1% |")
+        lines.append(f"| {name} FPR, all | {100 * ho['overall']['fpr_any_topic']:.1f}% "
                      f"({ho['overall']['flagged']}/{ho['overall']['negatives']}) | <= 1% |")
     if train_s is not None:
         lines.append(f"| training time (fit; calibration excluded) | {train_s:.0f} s | <= 300 s |")
@@ -243,15 +247,17 @@ def main() -> None:
                     "on shared cores more threads were measured slower, see the README)")
     ap.add_argument("--speed-threads", default="1,2", help="thread counts for the latency/throughput runs")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
-    ap.add_argument("--heldout", type=Path, default=ROOT / "heldout" / "fresh.jsonl",
-                    help="a labelled JSONL (text, topic, kind) written after the config was frozen; skipped if missing")
+    ap.add_argument("--heldout", type=Path, nargs="*",
+                    default=[ROOT / "heldout" / f"{name}.jsonl" for name in ("fresh2_b", "fresh2_a", "fresh")],
+                    help="labelled JSONL files (text, topic, kind) written after the config was frozen, each "
+                         "reported on its own (see heldout/README.md); missing files are skipped")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     dev = dev_rows()
     robust = robustness_rows(dev)
-    heldout = load_eval_rows([args.heldout], TOPICS) if args.heldout.is_file() else []
+    heldout = {path.stem: load_eval_rows([path], TOPICS) for path in args.heldout if path.is_file()}
     results: dict = {"command": "python benchmarks/bench_classifier.py " + " ".join(sys.argv[1:]),
                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "load_avg_at_start": os.getloadavg()}, "targets": TARGETS, "variants": {}}
@@ -281,10 +287,10 @@ def main() -> None:
         md += ["<details><summary>dev report</summary>", "", to_markdown(q["dev"], f"{name}: dev split"),
                "</details>", "", "<details><summary>robustness report</summary>", "",
                to_markdown(q["robustness"], f"{name}: unseen attacks"), "</details>", ""]
-        if heldout:
-            plot_histograms(q["heldout"], args.out / f"heldout_histograms_{slug}.png")
-            md += ["<details><summary>held-out report</summary>", "",
-                   to_markdown(q["heldout"], f"{name}: held-out set ({args.heldout.name})"), "</details>", ""]
+        for set_name in heldout:
+            plot_histograms(q[f"heldout:{set_name}"], args.out / f"heldout_{set_name}_histograms_{slug}.png")
+            md += [f"<details><summary>held-out report: {set_name}</summary>", "",
+                   to_markdown(q[f"heldout:{set_name}"], f"{name}: held-out set {set_name}.jsonl"), "</details>", ""]
         print("\n".join(summary_lines(name, q, train_s, speeds)), flush=True)
         # written after each variant, so a later failure keeps what was measured
         (args.out / "classifier.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
