@@ -15,14 +15,16 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
+from importlib import resources
 from typing import Final
 
 __all__ = [
     "TERM_TEMPLATES", "Augmenter", "CODE_TEMPLATES", "LANGUAGE_WRAPPERS", "WRAPPERS", "add_typos", "distinctive_names",
-    "entity_prompts", "term_prompts",
+    "entity_prompts", "prose_sentences", "term_prompts",
 ]
 
 # Jailbreak, role-play and instruction framings; "{p}" is the prompt.
@@ -98,6 +100,18 @@ _NAME = re.compile(rf"(?<![.!?]\s)(?<!^)\b({_WORD}(?:[ -](?:of |the |de )?{_WORD
 _STOP_NAMES: Final[frozenset[str]] = frozenset({"I", "I'm", "What", "Who", "Why", "How", "The", "In", "A", "Is", "Can", "Do"})
 
 
+@functools.cache
+def prose_sentences() -> tuple[str, ...]:
+    """Everyday declarative sentences shipped with eco-guard (``data/prose.txt``), about no topic.
+
+    Example:
+        >>> len(prose_sentences()) >= 100, prose_sentences()[0][:27]
+        (True, 'Hi all, a quick reminder th')
+    """
+    text = resources.files("eco_guard").joinpath("data", "prose.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
 def term_prompts(terms: Sequence[str], rng: random.Random, *, per_term: int = 1) -> list[str]:
     """``per_term`` prompts about each term, from :data:`TERM_TEMPLATES`.
 
@@ -146,17 +160,23 @@ def entity_prompts(text: str) -> list[str]:
     return [n for n in names if n not in _STOP_NAMES]
 
 
-def distinctive_names(groups: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+def distinctive_names(groups: Mapping[str, Sequence[str]], *,
+                      common_words: Collection[str] = frozenset()) -> dict[str, set[str]]:
     """Per group, the names (see :func:`entity_prompts`) that occur in no other group.
 
     A name-only variant ("who is Frodo?") keeps its label only if the name belongs to
-    that label: "London" in a Harry Potter prompt does not make "London" on-topic.
+    that label: "London" in a Harry Potter prompt does not make "London" on-topic. Nor does a
+    one-word name that is also a word of ``common_words`` (lower case): "who is Luke?" or
+    "Han" could be anyone, so such names are dropped even when no other group uses them.
 
     Example:
         >>> distinctive_names({"hp": ["Is Snape in London?"], "neg": ["Trains in London"]})
         {'hp': {'Snape'}, 'neg': set()}
+        >>> distinctive_names({"sw": ["Did Luke Skywalker train Luke?"]}, common_words={"luke"})
+        {'sw': {'Luke Skywalker'}}
     """
-    found = {g: {n for t in texts for n in entity_prompts(t)} for g, texts in groups.items()}
+    found = {g: {n for t in texts for n in entity_prompts(t) if " " in n or n.lower() not in common_words}
+             for g, texts in groups.items()}
     return {g: names - set().union(*(o for h, o in found.items() if h != g)) for g, names in found.items()}
 
 
@@ -166,13 +186,17 @@ class Augmenter:
     Args:
         filler: unrelated prompts used as surrounding text (use negatives, so the
             surrounding text is realistic and never on-topic).
+        prose: unrelated declarative sentences (documents rather than prompts); when given,
+            half of the surrounding text is drawn from them.
         seed: random seed.
         max_filler_words: length budget of the surrounding text, so a variant still fits
             one encoder window (the window scorer handles longer prompts at inference).
     """
 
-    def __init__(self, filler: Sequence[str], *, seed: int = 0, max_filler_words: int = 50) -> None:
+    def __init__(self, filler: Sequence[str], *, prose: Sequence[str] = (), seed: int = 0,
+                 max_filler_words: int = 50) -> None:
         self._filler = [f for f in filler if f.strip()] or ["Please help me with something."]
+        self._prose = [p for p in prose if p.strip()]
         self._rng = random.Random(seed)
         self._max_filler_words = max_filler_words
         # Stage 1 changes the prompt itself, stage 2 frames it; (operation, weight).
@@ -235,7 +259,7 @@ class Augmenter:
         after: list[str] = []
         budget = self._rng.randint(10, self._max_filler_words)
         while budget > 0:
-            piece = self._rng.choice(self._filler)
+            piece = self._rng.choice(self._prose if self._prose and self._rng.random() < 0.5 else self._filler)
             (before if self._rng.random() < 0.5 else after).append(piece)
             budget -= len(piece.split())
         return " ".join(before + [text] + after)

@@ -423,6 +423,31 @@ def test_english_words_keep_real_words_from_becoming_terms():
     assert guarded.find(normalize_text("is dumbeldore dead")) == "dumbeldore"   # misspellings are not words
 
 
+def test_shipped_prose_is_about_no_forget_topic():
+    """The prose trains as negatives: a line naming a Harry Potter or Star Wars term would teach the opposite."""
+    from eco_guard.augment import prose_sentences
+    from eco_guard.classifier_data import read_terms
+    from eco_guard.config import DataSource
+    from eco_guard.text import TermMatcher, english_words, normalize_text
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "terms"
+    matcher = TermMatcher(read_terms([DataSource(path=folder / f"{t}.txt") for t in ("harry_potter", "star_wars")]),
+                          known_words=english_words())
+    assert matcher.find(normalize_text("We took the Knight Bus to St Mungo's")) == "knight bus"
+    prose = prose_sentences()
+    assert len(prose) >= 100 and len(set(prose)) == len(prose)
+    assert [s for s in prose if matcher.find(normalize_text(s))] == []
+
+
+def test_prose_negatives_join_the_training_set(tiny_encoder):
+    def n_examples(prose: int) -> int:
+        clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, max_false_positive_rate=0.1,
+                                     settings={**FAST, "epochs": 0, "head_steps": 1, "prose_negatives": prose})
+        return clf.metadata["n_train_examples"]
+
+    assert n_examples(7) - n_examples(0) == 7
+
+
 def test_typo_in_a_term_still_flags(tiny_encoder):
     clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
                                  max_false_positive_rate=0.1, terms={"space": ["Chewbacca"]})
@@ -518,3 +543,24 @@ topics:
         max_false_positive_rate=0.1).metadata["data_hash"]
     assert PromptClassifier.from_config(load_config(cfg_path), progress=False, train_if_missing=False).thresholds \
         == clf.thresholds   # the saved classifier is up to date: loads, no retraining
+
+
+def test_augment_and_training_doctests():
+    import doctest
+
+    from eco_guard import augment, classifier_training
+
+    for module in (augment, classifier_training):
+        result = doctest.testmod(module)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_buried_variants_draw_half_their_surrounding_text_from_prose():
+    from eco_guard.augment import Augmenter
+
+    aug = Augmenter(["How do I boil an egg?"], prose=["The ferry leaves at noon."], seed=0)
+    buried = [aug.bury("Who is Yoda?") for _ in range(60)]
+    assert all("Who is Yoda?" in b for b in buried)
+    assert sum("ferry" in b for b in buried) > 15 and sum("egg" in b for b in buried) > 15
+    plain = Augmenter(["How do I boil an egg?"], seed=0)
+    assert not any("ferry" in plain.bury("Who is Yoda?") for _ in range(20))
