@@ -94,6 +94,7 @@ TERM_TEMPLATES: Final[tuple[str, ...]] = (
 )
 
 _KEYBOARD: Final[str] = "qwertyuiopasdfghjklzxcvbnm"
+_MAX_WORDS_BEFORE: Final[int] = 45  # ~60 tokens: a prompt of up to ~50 words still ends inside a 128-token window
 # A capitalised word may have inner capitals and accents ("McGonagall", "Padmé", "O'Brien").
 _WORD = r"[A-Z][a-zß-öø-ÿ'’]+(?:[A-Z][a-zß-öø-ÿ'’]+)*"
 _NAME = re.compile(rf"(?<![.!?]\s)(?<!^)\b({_WORD}(?:[ -](?:of |the |de )?{_WORD})*)")
@@ -189,12 +190,12 @@ class Augmenter:
         prose: unrelated declarative sentences (documents rather than prompts); when given,
             half of the surrounding text is drawn from them.
         seed: random seed.
-        max_filler_words: length budget of the surrounding text, so a variant still fits
-            one encoder window (the window scorer handles longer prompts at inference).
+        max_filler_words: length budget of the surrounding text (the window scorer handles
+            longer prompts at inference).
     """
 
     def __init__(self, filler: Sequence[str], *, prose: Sequence[str] = (), seed: int = 0,
-                 max_filler_words: int = 50) -> None:
+                 max_filler_words: int = 90) -> None:
         self._filler = [f for f in filler if f.strip()] or ["Please help me with something."]
         self._prose = [p for p in prose if p.strip()]
         self._rng = random.Random(seed)
@@ -254,12 +255,23 @@ class Augmenter:
         return " ".join(words[:i] + [words[i] + words[i + 1]] + words[i + 2:])
 
     def bury(self, text: str) -> str:
-        """Surround the prompt with unrelated prompts, at a random position."""
+        """Surround the prompt with unrelated text, at a random position.
+
+        Up to ``max_filler_words`` words, nearly a scoring window's worth (in a long prompt the
+        question is a small part of its window), but at most :data:`_MAX_WORDS_BEFORE` before
+        the prompt: training reads a variant's first window only, which must still hold the prompt.
+        """
         before: list[str] = []
         after: list[str] = []
+        n_before = 0
         budget = self._rng.randint(10, self._max_filler_words)
         while budget > 0:
             piece = self._rng.choice(self._prose if self._prose and self._rng.random() < 0.5 else self._filler)
-            (before if self._rng.random() < 0.5 else after).append(piece)
-            budget -= len(piece.split())
+            n = len(piece.split())
+            if self._rng.random() < 0.5 and n_before + n <= _MAX_WORDS_BEFORE:
+                before.append(piece)
+                n_before += n
+            else:
+                after.append(piece)
+            budget -= n
         return " ".join(before + [text] + after)

@@ -564,3 +564,13 @@ def test_buried_variants_draw_half_their_surrounding_text_from_prose():
     assert sum("ferry" in b for b in buried) > 15 and sum("egg" in b for b in buried) > 15
     plain = Augmenter(["How do I boil an egg?"], seed=0)
     assert not any("ferry" in plain.bury("Who is Yoda?") for _ in range(20))
+
+
+def test_buried_prompt_stays_inside_the_first_window():
+    from eco_guard.augment import Augmenter
+
+    aug = Augmenter([f"Unrelated sentence number {i} about the weather today." for i in range(20)], seed=1)
+    buried = [aug.bury("Who is Yoda?") for _ in range(200)]
+    before = [len(b.split("Who is Yoda?")[0].split()) for b in buried]
+    total = [len(b.split()) - 3 for b in buried]
+    assert max(before) <= 45 and max(total) > 60 and min(before) == 0 and max(before) > 20
