@@ -69,7 +69,8 @@ class TrainingSettings(BaseModel):
     warmup_fraction: float = Field(0.1, ge=0, lt=1)
     augment: bool = Field(True, description="add evasive variants (typos, wrappers, burying, code, names)")
     augment_copies: int = Field(2, ge=0, le=50, description="variants per training prompt")
-    term_prompts: int = Field(1, ge=0, le=20, description="training prompts built around each topic term")
+    term_prompts: int = Field(1, ge=0, le=20, description=(
+        "training prompts built around each topic term (contrast terms get as many prompts in all as the topics)"))
     joined_negatives: int = Field(200, ge=0, le=100_000, description=(
         "negatives made of 3-8 negative prompts run together: a long prompt is scored window by window, "
         "and a window of unrelated text must not add up to a topic"))
@@ -141,12 +142,12 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     if not train_neg or not cal_neg:
         raise DataError(f"need negatives for both training and calibration, got {len(negatives)} "
                         f"(calibration_fraction {s.calibration_fraction})")
-    # After the hold-out split (the reported FNR stays on real prompts); contrast terms get the same
-    # templates as negatives, so the name decides, not the phrasing. Not augmented: the term matcher
-    # flags a term however it is wrapped, and variants of ~1,000 one-line templates cost a fifth of training.
+    # Term prompts come after the hold-out split (the reported FNR stays on real prompts) and are not
+    # augmented: the matcher flags a term however it is wrapped, and variants of ~1,000 one-line templates
+    # cost a fifth of training. Contrast terms get the same templates, as many as the topics' terms, so the
+    # name decides, not the phrasing: with 1,400 topic-term prompts against 200 contrast ones the templates
+    # themselves ("Write a short essay about ...") became topic cues (dev FPR 0.0% -> 1.7%).
     term_pos = {t: term_prompts(terms.get(t, ()), rng, per_term=s.term_prompts) for t in train_pos} if terms else {}
-    # As many contrast prompts as topic ones: with 1,400 topic-term prompts against 200 contrast ones, the
-    # templates themselves ("Write a short essay about ...") became topic cues (dev FPR 0.0% -> 1.7%).
     n_topic = sum(map(len, term_pos.values()))
     per_contrast = max(s.term_prompts, math.ceil(n_topic / len(contrast_terms))) if contrast_terms and s.term_prompts else 0
     term_neg = term_prompts(contrast_terms, rng, per_term=per_contrast)
