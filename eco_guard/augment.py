@@ -94,7 +94,6 @@ TERM_TEMPLATES: Final[tuple[str, ...]] = (
 )
 
 _KEYBOARD: Final[str] = "qwertyuiopasdfghjklzxcvbnm"
-_MAX_WORDS_BEFORE: Final[int] = 45  # ~60 tokens: a prompt of up to ~50 words still ends inside a 128-token window
 # A capitalised word may have inner capitals and accents ("McGonagall", "Padmé", "O'Brien").
 _WORD = r"[A-Z][a-zß-öø-ÿ'’]+(?:[A-Z][a-zß-öø-ÿ'’]+)*"
 _NAME = re.compile(rf"(?<![.!?]\s)(?<!^)\b({_WORD}(?:[ -](?:of |the |de )?{_WORD})*)")
@@ -192,14 +191,17 @@ class Augmenter:
         seed: random seed.
         max_filler_words: length budget of the surrounding text (the window scorer handles
             longer prompts at inference).
+        max_words_before: at most this many of those words go before the prompt: training reads a
+            variant's first window only, which must still hold the prompt.
     """
 
     def __init__(self, filler: Sequence[str], *, prose: Sequence[str] = (), seed: int = 0,
-                 max_filler_words: int = 90) -> None:
+                 max_filler_words: int = 90, max_words_before: int = 45) -> None:
         self._filler = [f for f in filler if f.strip()] or ["Please help me with something."]
         self._prose = [p for p in prose if p.strip()]
         self._rng = random.Random(seed)
         self._max_filler_words = max_filler_words
+        self._max_words_before = max_words_before
         # Stage 1 changes the prompt itself, stage 2 frames it; (operation, weight).
         self._content: tuple[tuple[Callable[[str], str] | None, float], ...] = (
             (None, 2.0), (self.typo, 2.0), (self.entity, 1.0), (self.join_words, 0.5),
@@ -258,8 +260,7 @@ class Augmenter:
         """Surround the prompt with unrelated text, at a random position.
 
         Up to ``max_filler_words`` words, nearly a scoring window's worth (in a long prompt the
-        question is a small part of its window), but at most :data:`_MAX_WORDS_BEFORE` before
-        the prompt: training reads a variant's first window only, which must still hold the prompt.
+        question is a small part of its window), at most ``max_words_before`` of them before it.
         """
         before: list[str] = []
         after: list[str] = []
@@ -268,7 +269,7 @@ class Augmenter:
         while budget > 0:
             piece = self._rng.choice(self._prose if self._prose and self._rng.random() < 0.5 else self._filler)
             n = len(piece.split())
-            if self._rng.random() < 0.5 and n_before + n <= _MAX_WORDS_BEFORE:
+            if self._rng.random() < 0.5 and n_before + n <= self._max_words_before:
                 before.append(piece)
                 n_before += n
             else:

@@ -76,7 +76,8 @@ class TrainingSettings(BaseModel):
         "and a window of unrelated text must not add up to a topic"))
     prose_negatives: int = Field(200, ge=0, le=100_000, description=(
         "negatives made of 4-15 sentences of everyday prose shipped with eco-guard (mail, manuals, news); "
-        "long prompts are mostly documents, and the prompts alone would teach nothing about prose"))
+        "long prompts are mostly documents, and the prompts alone would teach nothing about prose; the same "
+        "sentences make half the text that buried variants are surrounded with (0 turns both off)"))
     calibration_fraction: float = Field(0.3, gt=0, lt=1, description="negatives held out to calibrate thresholds")
     positive_holdout_fraction: float = Field(0.15, ge=0, lt=1, description="positives held out to report the FNR")
     min_threshold: float = Field(0.5, ge=0, le=1, description=(
@@ -209,7 +210,9 @@ def _examples(train_pos: Mapping[str, list[str]], train_neg: list[str], s: Train
     texts = list(labels)
     if s.augment and s.augment_copies:
         names = distinctive_names({**train_pos, _NEGATIVE_GROUP: train_neg}, common_words=english_words())
-        aug = Augmenter(train_neg, prose=prose, seed=s.seed)
+        # ~1.4 tokens per word: 90 words around the prompt, at most 45 before it, in a 128-token window
+        aug = Augmenter(train_neg, prose=prose, seed=s.seed, max_filler_words=round(s.window_tokens * 0.7),
+                        max_words_before=round(s.window_tokens * 0.35))
         for text in list(texts):
             for variant in aug.variants(text, s.augment_copies, names=names[group[text]]):
                 texts.append(variant)
