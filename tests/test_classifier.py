@@ -442,6 +442,22 @@ def test_shipped_prose_is_about_no_forget_topic():
     assert [s for s in prose if matcher.find(normalize_text(s))] == []
 
 
+@pytest.mark.parametrize("terms_file", ["benchmarks/configs/terms/harry_potter.txt",
+                                        "eco_guard/data/demo/harry_potter_terms.txt"])
+def test_shipped_terms_leave_everyday_words_of_other_languages_alone(terms_file):
+    """A term is flagged wherever it occurs: "Imperio" (the curse) is also Spanish for "empire"."""
+    from eco_guard.classifier_data import read_terms
+    from eco_guard.config import DataSource
+    from eco_guard.text import TermMatcher, english_words, normalize_text
+
+    path = Path(__file__).resolve().parents[1] / terms_file
+    matcher = TermMatcher(read_terms([DataSource(path=path)]), known_words=english_words())
+    everyday = ["¿Por qué cayó el Imperio romano de Occidente?", "Quando acabou o Império Português?",
+                "Riassumi la storia dell'Impero bizantino", "Qui a construit le château de Versailles ?"]
+    assert [t for t in everyday if matcher.find(normalize_text(t))] == []
+    assert (matcher.find(normalize_text("Is the Imperius Curse unforgivable?")) or "").startswith("imperius")
+
+
 def test_prose_negatives_join_the_training_set(tiny_encoder):
     def n_examples(prose: int) -> int:
         clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, max_false_positive_rate=0.1,
