@@ -146,22 +146,38 @@ _CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 class TermMatcher:
     """Finds topic terms in :func:`normalize_text` output: exactly (:func:`term_pattern`), or one typo away.
 
-    The typo match (one substitution, insertion, deletion or swap) is limited to terms of
-    ``fuzzy_min_len`` letters or more (spaces not counted: "harry ptoter" is one swap from
-    "Harry Potter") and needs a text word missing from ``known_words`` (a vocabulary of real
-    words), so "quibble" does not become the term "Quibbler", nor "start wars" "Star Wars".
+    A typo is one substitution, insertion, deletion or swap, in a text word missing from
+    ``known_words`` (a vocabulary of real words), so "quibble" does not become the term
+    "Quibbler", nor "start wars" "Star Wars". Two kinds are found:
+
+    - one typo in the whole term, if the term has ``fuzzy_min_len`` letters or more (spaces not
+      counted: "harry ptoter" is one swap from "Harry Potter");
+    - one typo in each of several words ("sttar wasr", "prisoner of akzaban"), each such word
+      of 4 letters or more; a one-word term needs ``fuzzy_word_min_len`` letters ("hagird").
 
     Example:
-        >>> m = TermMatcher(["Dumbledore", "Hogwarts"], known_words={"quibble"})
+        >>> m = TermMatcher(["Dumbledore", "Hogwarts", "Star Wars"], known_words={"quibble"})
         >>> m.find(normalize_text("Is Dumbeldore dead?")), m.find("hogwartz"), m.find("pottery")
         ('dumbeldore', 'hogwartz', None)
+        >>> m.find("sttar wasr lego")
+        'sttar wasr'
     """
 
     def __init__(self, terms: list[str], *, known_words: frozenset[str] | set[str] = frozenset(),
-                 fuzzy_min_len: int = 8) -> None:
+                 fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6) -> None:
         self.pattern = term_pattern(terms)
         self._known = known_words
         self._min = fuzzy_min_len
+        self._word_min = fuzzy_word_min_len
+        # Word by word: each term word (4+ letters) by its one-letter deletions, and the terms holding it.
+        self._word_by_delete: dict[str, set[str]] = {}
+        self._terms_with: dict[str, list[tuple[tuple[str, ...], int]]] = {}
+        for words in {tuple(_WORDS.findall(n)) for n in map(normalize_text, terms) if _FUZZY_TERM.fullmatch(n)}:
+            for k, word in enumerate(words):
+                if len(word) >= (_FUZZY_WORD_MIN_LEN if len(words) > 1 else fuzzy_word_min_len):
+                    self._terms_with.setdefault(word, []).append((words, k))
+                    for variant in _deletes(word):
+                        self._word_by_delete.setdefault(variant, set()).add(word)
         # Per word count: a two-word span is only compared with two-word terms ("the stra" is not "Thestral").
         self._by_delete: dict[int, dict[str, set[str]]] = {}
         for term in {normalize_text(t) for t in terms}:
@@ -175,10 +191,12 @@ class TermMatcher:
         """The first term found in already normalised text, as it appears there; None if none."""
         if self.pattern is not None and (m := self.pattern.search(normalized)):
             return m.group(0)
-        if not self._by_delete:
+        if not self._by_delete and not self._word_by_delete:
             return None
         words = _WORDS.findall(normalized)
         unknown = [i for i, w in enumerate(words) if w not in self._known]
+        if found := self._find_word_by_word(words, unknown):
+            return found
         for n, index in self._by_delete.items():  # a term of n words, typed with one slip
             # only spans holding a word missing from the vocabulary: most prompts have none
             starts = sorted({s for i in unknown for s in range(max(0, i - n + 1), min(i, len(words) - n) + 1)})
@@ -192,8 +210,24 @@ class TermMatcher:
                         return " ".join(span)
         return None
 
+    def _find_word_by_word(self, words: list[str], unknown: list[int]) -> str | None:
+        """A span where every word is the term's word or, if not a known word, one typo from it."""
+        for i in unknown:
+            for near in {w for v in _deletes(words[i]) for w in self._word_by_delete.get(v, ())}:
+                if not _one_edit(words[i], near):
+                    continue
+                for term, k in self._terms_with[near]:
+                    span = words[i - k:i - k + len(term)] if i >= k else []
+                    if len(span) == len(term) and all(
+                            w == t or (w not in self._known and len(t) >= _FUZZY_WORD_MIN_LEN and _one_edit(w, t))
+                            for w, t in zip(span, term)):
+                        return " ".join(span)
+        return None
+
 
 _WORDS = re.compile(r"[a-z]+")
+_FUZZY_WORD_MIN_LEN = 4  # a word of a longer term may carry a typo: "sttar wasr" (each word one slip)
+_FUZZY_TERM = re.compile(r"[a-z][a-z '’\-]*")  # plain Latin letters: digits ("R2-D2") match exactly
 
 
 @functools.cache

@@ -504,10 +504,23 @@ def test_term_matcher_multi_word_terms_with_one_typo():
     assert m.find(normalize_text("the start wars between the firms")) is None  # real words only: no typo
 
 
+def test_term_matcher_one_typo_per_word_only_in_words_that_are_not_real():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    known = {"star", "wars", "start", "ware", "of", "prisoner", "hagrid", "tarkin", "dark", "lord", "lore"}
+    m = TermMatcher(["Star Wars", "Prisoner of Azkaban", "Hagrid", "Tarkin", "Dark Lord", "Snape"], known_words=known)
+    found = [m.find(normalize_text(t)) for t in ("Suggest Sttar Wasr LEGO sets", "hp priisoner of akzaban",
+                                                 "talk like Haprid", "What rank does Trakin hold?")]
+    assert found == ["sttar wasr", "priisoner of akzaban", "haprid", "trakin"]
+    assert m.find("start ware") is None        # both slips are real words
+    assert m.find("dark lore") is None          # a real word one letter from a term's word
+    assert m.find("professor snaep") is None   # one-word terms under six letters match exactly only
+
+
 def test_terms_in_other_scripts_and_russian_case_endings():
     from eco_guard.text import TermMatcher, normalize_text
 
-    m = TermMatcher(["Гарри Поттер", "Звёздные войны", "Étoile de la mort", "Potter"])
+    m = TermMatcher(["Гарри Поттер", "Звёздные войны", "Étoile de la mort", "Potter"], known_words={"pottery"})
     assert m.find(normalize_text("Кто написал книги о Гарри Поттере?")) == "гарри поттере"
     assert m.find(normalize_text("Сколько фильмов «Звездные войны»?")) is not None   # ё written as е
     assert m.find(normalize_text("Qui a détruit l'Étoile de la Mort ?")) == "etoile de la mort"
