@@ -22,6 +22,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from importlib import resources
 from typing import Final
 
+from eco_guard.text import case_sensitive_term
+
 __all__ = [
     "TERM_TEMPLATES", "Augmenter", "CODE_TEMPLATES", "LANGUAGE_WRAPPERS", "WRAPPERS", "add_typos", "distinctive_names",
     "entity_prompts", "prose_sentences", "term_prompts",
@@ -119,7 +121,8 @@ def term_prompts(terms: Sequence[str], rng: random.Random, *, per_term: int = 1)
         >>> term_prompts(["Hogwarts"], random.Random(0), per_term=2)
         ['Which scene with Hogwarts is the most memorable?', 'Hogwarts fan theories']
     """
-    return [template.format(e=term) for term in terms
+    # A case-sensitive term is an everyday phrase in lower case, the only case the encoder sees: no prompts.
+    return [template.format(e=term) for term in terms if case_sensitive_term(term) is None
             for template in rng.sample(TERM_TEMPLATES, min(per_term, len(TERM_TEMPLATES)))]
 
 

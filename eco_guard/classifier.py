@@ -261,7 +261,7 @@ class PromptClassifier:
     def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str]]]:
         normalized = _normalized(texts)  # once: the encoder and the term matchers read the same text
         probs = self._model_probabilities(normalized)
-        matched = self._matched(normalized)
+        matched = self._matched(normalized, texts)
         for i, hit in enumerate(matched):
             for topic in hit:
                 probs[i, self.topics.index(topic)] = 1.0
@@ -274,10 +274,11 @@ class PromptClassifier:
             >>> clf.matched_terms(["Was Yoda a Jedi?", "Boil an egg"])  # doctest: +SKIP
             [{'star_wars': 'yoda'}, {}]
         """
-        return self._matched(_normalized(texts))
+        return self._matched(_normalized(texts), texts)
 
-    def _matched(self, normalized: list[str]) -> list[dict[str, str]]:
-        return [{t: found for t, m in self._matchers.items() if (found := m.find(norm))} for norm in normalized]
+    def _matched(self, normalized: list[str], texts: Sequence[str]) -> list[dict[str, str]]:
+        return [{t: found for t, m in self._matchers.items() if (found := m.find(norm, raw))}
+                for norm, raw in zip(normalized, texts)]
 
     def _term_hits_in(self, negatives: Sequence[str]) -> list[dict[str, Any]]:
         """Negatives a topic term matches: each is a false positive no threshold can prevent."""

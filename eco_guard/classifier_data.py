@@ -221,7 +221,7 @@ def suggest_terms(positives: Mapping[str, Sequence[str]], negatives: Sequence[st
         others_text = "\n".join([negative_text, *(v for t, v in normalized.items() if t != topic)])
         covered = TermMatcher(list((terms or {}).get(topic, ())))
         out[topic] = [(name, n) for name, n in counts.most_common()
-                      if not covered.find(norm := normalize_text(name))
+                      if not covered.find(norm := normalize_text(name), name)
                       and not (" " not in norm and norm in english_words())
                       and not term_pattern([name]).search(others_text)]  # type: ignore[union-attr]
     return out

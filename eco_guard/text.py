@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final
 
-__all__ = ["CONFUSABLES", "english_words", "normalize_text"]
+__all__ = ["CONFUSABLES", "TermMatcher", "case_sensitive_term", "english_words", "normalize_text", "term_pattern"]
 
 # Look-alike letters from other scripts, mapped to the Latin letter they imitate
 # (a hand-picked subset of Unicode's confusables.txt: the ones that render as
@@ -96,12 +96,26 @@ def normalize_text(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
-def term_pattern(terms: Sequence[str], *, raw: bool = False) -> re.Pattern[str] | None:
+def case_sensitive_term(term: str) -> str | None:
+    """The name inside a term written in double quotes, which matches only as capitalised there; else None.
+
+    A film or chapter title can be an everyday phrase in lower case: '"A New Hope"' flags
+    "the plot of A New Hope", not "a new hope for patients".
+
+    Example:
+        >>> case_sensitive_term('"A New Hope"'), case_sensitive_term("Hogwarts")
+        ('A New Hope', None)
+    """
+    term = term.strip()
+    return term[1:-1].strip() or None if len(term) > 2 and term[0] == term[-1] == '"' else None
+
+
+def term_pattern(terms: Sequence[str], *, raw: bool = False, ignore_case: bool = True) -> re.Pattern[str] | None:
     """A regex finding any of ``terms`` in :func:`normalize_text` output, as whole words.
 
     Spaces and hyphens inside a term match any run of them or none ("light saber",
     "lightsaber", "light-saber"); a plural or possessive ending is allowed. ``raw=True``
-    searches unnormalised text instead (terms as written, any case).
+    searches unnormalised text instead (terms as written, in any case unless ``ignore_case=False``).
 
     Example:
         >>> p = term_pattern(["Obi-Wan", "Horcrux"])
@@ -119,7 +133,8 @@ def term_pattern(terms: Sequence[str], *, raw: bool = False) -> re.Pattern[str] 
             node[_CYRILLIC_END if _CYRILLIC.search(term) else _END] = {}
     if not trie:
         return None
-    return re.compile(r"(?<!\w)" + _trie_regex(trie) + r"(?:s|es|'s|’s|')?(?!\w)", re.IGNORECASE if raw else 0)
+    flags = re.IGNORECASE if raw and ignore_case else 0
+    return re.compile(r"(?<!\w)" + _trie_regex(trie) + r"(?:s|es|'s|’s|')?(?!\w)", flags)
 
 
 # Trie atoms besides single characters: the gap between a term's words, and the two term ends.
@@ -155,6 +170,9 @@ class TermMatcher:
     - one typo in each of several words ("sttar wasr", "prisoner of akzaban"), each such word
       of 4 letters or more; a one-word term needs ``fuzzy_word_min_len`` letters ("hagird").
 
+    A term in double quotes (:func:`case_sensitive_term`) matches exactly as written, in the
+    prompt as sent (``raw``), never with a typo.
+
     Example:
         >>> m = TermMatcher(["Dumbledore", "Hogwarts", "Star Wars"], known_words={"quibble"})
         >>> m.find(normalize_text("Is Dumbeldore dead?")), m.find("hogwartz"), m.find("pottery")
@@ -165,7 +183,10 @@ class TermMatcher:
 
     def __init__(self, terms: list[str], *, known_words: frozenset[str] | set[str] = frozenset(),
                  fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6) -> None:
+        cased = [name for t in terms if (name := case_sensitive_term(t))]
+        terms = [t for t in terms if case_sensitive_term(t) is None]
         self.pattern = term_pattern(terms)
+        self._cased = term_pattern(cased, raw=True, ignore_case=False)
         self._known = known_words
         self._min = fuzzy_min_len
         self._word_min = fuzzy_word_min_len
@@ -187,9 +208,12 @@ class TermMatcher:
                 for variant in _deletes(joined):
                     index.setdefault(variant, set()).add(joined)
 
-    def find(self, normalized: str) -> str | None:
-        """The first term found in already normalised text, as it appears there; None if none."""
+    def find(self, normalized: str, raw: str | None = None) -> str | None:
+        """The first term found in already normalised text (case-sensitive terms: in ``raw``, the
+        text before normalisation), as it appears there; None if none."""
         if self.pattern is not None and (m := self.pattern.search(normalized)):
+            return m.group(0)
+        if self._cased is not None and raw is not None and (m := self._cased.search(raw)):
             return m.group(0)
         if not self._by_delete and not self._word_by_delete:
             return None

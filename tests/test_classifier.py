@@ -473,6 +473,18 @@ def test_typo_in_a_term_still_flags(tiny_encoder):
     assert clf.matched_terms(["cook rice with chewbaca", "cook rice with chew bacon"]) == [{"space": "chewbaca"}, {}]
 
 
+def test_a_quoted_term_matches_only_as_capitalised_and_trains_no_prompts(tiny_encoder):
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
+                                 max_false_positive_rate=0.1, terms={"space": ['"A New Hope"', "Chewbacca"]})
+    found = clf.matched_terms(["Summarize the plot of A New Hope.", "Is there a new hope for bees?",
+                               "A NEW HOPE", "Chewbacca"])
+    assert found == [{"space": "A New Hope"}, {}, {}, {"space": "chewbacca"}]
+    assert clf.score(["Summarize the plot of A New Hope."])[0]["space"] == 1.0
+    from eco_guard.augment import term_prompts
+    prompts = term_prompts(['"A New Hope"', "Chewbacca"], random.Random(0), per_term=3)
+    assert len(prompts) == 3 and all("Chewbacca" in p for p in prompts)
+
+
 def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
     cfg = _config(tmp_path, tiny_encoder)
     calls = []
