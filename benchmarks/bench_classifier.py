@@ -248,10 +248,10 @@ def main() -> None:
     ap.add_argument("--speed-threads", default="1,2", help="thread counts for the latency/throughput runs")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
     ap.add_argument("--heldout", type=Path, nargs="*",
-                    default=[ROOT / "heldout" / f"{name}.jsonl" for name in ("fresh2_b", "fresh2_a", "fresh")],
+                    default=[ROOT / "heldout" / f"{name}.jsonl" for name in ("fresh3", "fresh2_b", "fresh2_a", "fresh")],
                     help="labelled JSONL files (text, topic, kind) written after the config was frozen, each "
                          "reported on its own (see heldout/README.md); missing files are skipped")
-    ap.add_argument("--blind", nargs="*", default=["fresh2_b"],
+    ap.add_argument("--blind", nargs="*", default=["fresh3", "fresh2_b"],
                     help="held-out sets whose prompts nobody may read: rates only, no list of errors")
     args = ap.parse_args()
     if args.threads:
