@@ -128,7 +128,9 @@ class PromptClassifier:
         known: frozenset[str] = frozenset()
         if any(self.terms.values()):
             known = english_words() | {w for w in self._tokenizer.get_vocab() if w.isalpha()}
-        self._matchers = {t: TermMatcher(v, known_words=known) for t, v in self.terms.items() if v}
+        # Contrast terms are names of other things: a topic term inside one ("Hermione Lee") does not count.
+        contrast = list(metadata.get("contrast_terms", []))
+        self._matchers = {t: TermMatcher(v, known_words=known, except_terms=contrast) for t, v in self.terms.items() if v}
 
     # ------------------------------------------------------------------ building
 

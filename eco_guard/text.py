@@ -170,8 +170,12 @@ class TermMatcher:
     - one typo in each of several words ("sttar wasr", "prisoner of akzaban"), each such word
       of 4 letters or more; a one-word term needs ``fuzzy_word_min_len`` letters ("hagird").
 
-    A term in double quotes (:func:`case_sensitive_term`) matches exactly as written, in the
-    prompt as sent (``raw``), never with a typo.
+    A term in double quotes (:func:`case_sensitive_term`) matches as written (its first letter in
+    either case), in the prompt as sent (``raw``), never with a typo.
+
+    ``except_terms`` are names about something else that contain a term ("Hermione Lee", the
+    biographer; "Lando Norris", the driver): a term found inside one of them does not count, and
+    their words are never read as typos of a term ("Fondor" is not "Gondor").
 
     Example:
         >>> m = TermMatcher(["Dumbledore", "Hogwarts", "Star Wars"], known_words={"quibble"})
@@ -179,15 +183,18 @@ class TermMatcher:
         ('dumbeldore', 'hogwartz', None)
         >>> m.find("sttar wasr lego")
         'sttar wasr'
+        >>> TermMatcher(["Hermione"], except_terms=["Hermione Lee"]).find("hermione lee's biography of woolf")
     """
 
-    def __init__(self, terms: list[str], *, known_words: frozenset[str] | set[str] = frozenset(),
-                 fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6) -> None:
-        cased = [name for t in terms if (name := case_sensitive_term(t))]
+    def __init__(self, terms: Sequence[str], *, known_words: frozenset[str] | set[str] = frozenset(),
+                 fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6, except_terms: Sequence[str] = ()) -> None:
+        # A title's first word may start a sentence or follow one: "watch the Prince's Tale", "the Burrow".
+        cased = [v for t in terms if (name := case_sensitive_term(t)) for v in {name, name[0].lower() + name[1:]}]
         terms = [t for t in terms if case_sensitive_term(t) is None]
         self.pattern = term_pattern(terms)
         self._cased = term_pattern(cased, raw=True, ignore_case=False)
-        self._known = known_words
+        self._except = term_pattern(except_terms)
+        self._known = frozenset(known_words).union(w for t in except_terms for w in _WORDS.findall(normalize_text(t)))
         self._min = fuzzy_min_len
         self._word_min = fuzzy_word_min_len
         # Word by word: each term word (4+ letters) by its one-letter deletions, and the terms holding it.
@@ -211,8 +218,8 @@ class TermMatcher:
     def find(self, normalized: str, raw: str | None = None) -> str | None:
         """The first term found in already normalised text (case-sensitive terms: in ``raw``, the
         text before normalisation), as it appears there; None if none."""
-        if self.pattern is not None and (m := self.pattern.search(normalized)):
-            return m.group(0)
+        if self.pattern is not None and (found := self._find_exact(normalized)):
+            return found
         if self._cased is not None and raw is not None and (m := self._cased.search(raw)):
             return m.group(0)
         if not self._by_delete and not self._word_by_delete:
@@ -234,8 +241,21 @@ class TermMatcher:
                         return " ".join(span)
         return None
 
+    def _find_exact(self, normalized: str) -> str | None:
+        assert self.pattern is not None
+        m = self.pattern.search(normalized)
+        if m is None or self._except is None:
+            return m.group(0) if m else None
+        inside = [e.span() for e in self._except.finditer(normalized)]
+        for m in self.pattern.finditer(normalized, m.start()):
+            if not any(a <= m.start() and m.end() <= b for a, b in inside):
+                return m.group(0)
+        return None
+
     def _find_word_by_word(self, words: list[str], unknown: list[int]) -> str | None:
-        """A span where every word is the term's word or, if not a known word, one typo from it."""
+        """A span where every word is the term's word or, if not a known word, one typo from it
+        that keeps its first letter (typists rarely miss it; names that differ only there are
+        other names: "Kakashi" is not "Makashi")."""
         for i in unknown:
             for near in {w for v in _deletes(words[i]) for w in self._word_by_delete.get(v, ())}:
                 if not _one_edit(words[i], near):
@@ -243,7 +263,8 @@ class TermMatcher:
                 for term, k in self._terms_with[near]:
                     span = words[i - k:i - k + len(term)] if i >= k else []
                     if len(span) == len(term) and all(
-                            w == t or (w not in self._known and len(t) >= _FUZZY_WORD_MIN_LEN and _one_edit(w, t))
+                            w == t or (w not in self._known and len(t) >= _FUZZY_WORD_MIN_LEN and w[0] == t[0]
+                                       and _one_edit(w, t))
                             for w, t in zip(span, term)):
                         return " ".join(span)
         return None

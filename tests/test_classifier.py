@@ -475,10 +475,10 @@ def test_typo_in_a_term_still_flags(tiny_encoder):
 
 def test_a_quoted_term_matches_only_as_capitalised_and_trains_no_prompts(tiny_encoder):
     clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
-                                 max_false_positive_rate=0.1, terms={"space": ['"A New Hope"', "Chewbacca"]})
+                                 max_false_positive_rate=0.1, terms={"space": ['"A New Hope"', '"The Burrow"', "Chewbacca"]})
     found = clf.matched_terms(["Summarize the plot of A New Hope.", "Is there a new hope for bees?",
-                               "A NEW HOPE", "Chewbacca"])
-    assert found == [{"space": "A New Hope"}, {}, {}, {"space": "chewbacca"}]
+                               "A NEW HOPE", "Chewbacca", "Who lives at the Burrow?", "Rabbits dig the burrow"])
+    assert found == [{"space": "A New Hope"}, {}, {}, {"space": "chewbacca"}, {"space": "the Burrow"}, {}]
     assert clf.score(["Summarize the plot of A New Hope."])[0]["space"] == 1.0
     from eco_guard.augment import term_prompts
     prompts = term_prompts(['"A New Hope"', "Chewbacca"], random.Random(0), per_term=3)
@@ -527,6 +527,17 @@ def test_term_matcher_one_typo_per_word_only_in_words_that_are_not_real():
     assert m.find("start ware") is None        # both slips are real words
     assert m.find("dark lore") is None          # a real word one letter from a term's word
     assert m.find("professor snaep") is None   # one-word terms under six letters match exactly only
+
+
+def test_contrast_terms_shield_namesakes_and_typos_keep_their_first_letter():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    m = TermMatcher(["Lando", "Hermione", "Makashi", "Fondor"], except_terms=["Lando Norris", "Gondor"])
+    assert m.find(normalize_text("Did Lando Norris win in Monaco?")) is None
+    assert m.find(normalize_text("Lando Norris vs Lando Calrissian: who drives better?")) == "lando"
+    assert m.find("kakashi's sharingan") is None   # one letter from "Makashi", but the first
+    assert m.find("the gates of gondor") is None    # a contrast term is no typo of "Fondor"
+    assert m.find("the makeshi form") == "makeshi"  # a typo that keeps the first letter
 
 
 def test_terms_in_other_scripts_and_russian_case_endings():
