@@ -473,12 +473,18 @@ def test_typo_in_a_term_still_flags(tiny_encoder):
     assert clf.matched_terms(["cook rice with chewbaca", "cook rice with chew bacon"]) == [{"space": "chewbaca"}, {}]
 
 
-def test_a_quoted_term_matches_only_as_capitalised_and_trains_no_prompts(tiny_encoder):
+def test_quoted_terms_match_only_as_capitalised_and_contrast_terms_shield_namesakes(tiny_encoder, tmp_path):
     clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=FAST, progress=False,
-                                 max_false_positive_rate=0.1, terms={"space": ['"A New Hope"', '"The Burrow"', "Chewbacca"]})
+                                 max_false_positive_rate=0.1, contrast_terms=["Lando Norris"],
+                                 terms={"space": ['"A New Hope"', '"The Burrow"', "Chewbacca", "Lando"]})
     found = clf.matched_terms(["Summarize the plot of A New Hope.", "Is there a new hope for bees?",
-                               "A NEW HOPE", "Chewbacca", "Who lives at the Burrow?", "Rabbits dig the burrow"])
-    assert found == [{"space": "A New Hope"}, {}, {}, {"space": "chewbacca"}, {"space": "the Burrow"}, {}]
+                               "A NEW HOPE", "Chewbacca", "Who lives at the Burrow?", "Rabbits dig the burrow",
+                               "Did Lando Norris win?", "Lando's cape"])
+    assert found == [{"space": "A New Hope"}, {}, {}, {"space": "chewbacca"}, {"space": "the Burrow"}, {}, {},
+                     {"space": "lando's"}]
+    clf.save_pretrained(tmp_path / "clf")
+    saved = PromptClassifier.from_pretrained(tmp_path / "clf")
+    assert saved.matched_terms(["Did Lando Norris win?", "Summarize A New Hope"]) == [{}, {"space": "A New Hope"}]
     assert clf.score(["Summarize the plot of A New Hope."])[0]["space"] == 1.0
     from eco_guard.augment import term_prompts
     prompts = term_prompts(['"A New Hope"', "Chewbacca"], random.Random(0), per_term=3)
