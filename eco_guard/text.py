@@ -196,11 +196,11 @@ class TermMatcher:
         self._except = term_pattern(except_terms)
         self._known = frozenset(known_words).union(w for t in except_terms for w in _WORDS.findall(normalize_text(t)))
         self._min = fuzzy_min_len
-        self._word_min = fuzzy_word_min_len
         # Word by word: each term word (4+ letters) by its one-letter deletions, and the terms holding it.
         self._word_by_delete: dict[str, set[str]] = {}
         self._terms_with: dict[str, list[tuple[tuple[str, ...], int]]] = {}
-        for words in {tuple(_WORDS.findall(n)) for n in map(normalize_text, terms) if _FUZZY_TERM.fullmatch(n)}:
+        # sorted: the same span is reported in every process (sets iterate in a per-process order)
+        for words in sorted({tuple(_WORDS.findall(n)) for n in map(normalize_text, terms) if _FUZZY_TERM.fullmatch(n)}):
             for k, word in enumerate(words):
                 if len(word) >= (_FUZZY_WORD_MIN_LEN if len(words) > 1 else fuzzy_word_min_len):
                     self._terms_with.setdefault(word, []).append((words, k))
@@ -257,7 +257,7 @@ class TermMatcher:
         that keeps its first letter (typists rarely miss it; names that differ only there are
         other names: "Kakashi" is not "Makashi")."""
         for i in unknown:
-            for near in {w for v in _deletes(words[i]) for w in self._word_by_delete.get(v, ())}:
+            for near in sorted({w for v in _deletes(words[i]) for w in self._word_by_delete.get(v, ())}):
                 if not _one_edit(words[i], near):
                     continue
                 for term, k in self._terms_with[near]:
