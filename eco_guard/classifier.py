@@ -41,7 +41,7 @@ from torch import nn
 from eco_guard.classifier_data import TrainingData, data_hash, read_prompts, read_rows
 from eco_guard.classifier_training import TrainingSettings, calibrate, fit, keep_lowest_layers
 from eco_guard.errors import ClassifierError, InputError
-from eco_guard.text import TermMatcher, english_words, normalize_text
+from eco_guard.text import TermMatcher, english_words, normalize_text, term_pattern
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -68,6 +68,8 @@ class Classification:
         score: probability of ``topic`` (of the top-scoring topic when not flagged).
         scores: probability per topic.
         terms: per topic, the term found in the prompt (such a topic's score is 1.0).
+        contrast: the contrast term found in the prompt, when the classifier has a
+            ``contrast_threshold`` (topics without a term hit then need that score), else None.
     """
 
     flagged: bool
@@ -75,6 +77,7 @@ class Classification:
     score: float
     scores: dict[str, float]
     terms: dict[str, str] = field(default_factory=dict)
+    contrast: str | None = None
 
 
 class _Net(nn.Module):
@@ -131,6 +134,8 @@ class PromptClassifier:
         # Contrast terms are names of other things: a topic term inside one ("Hermione Lee") does not count.
         contrast = list(metadata.get("contrast_terms", []))
         self._matchers = {t: TermMatcher(v, known_words=known, except_terms=contrast) for t, v in self.terms.items() if v}
+        self._contrast_threshold = metadata.get("settings", {}).get("contrast_threshold")
+        self._contrast = term_pattern(contrast) if self._contrast_threshold is not None else None
 
     # ------------------------------------------------------------------ building
 
@@ -258,16 +263,19 @@ class PromptClassifier:
             >>> clf.score(["Who is Yoda?"])  # doctest: +SKIP
             [{'harry_potter': 0.0012, 'star_wars': 0.9993}]
         """
-        return [scores for scores, _ in self._scored(texts)]
+        return [scores for scores, _, _ in self._scored(texts)]
 
-    def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str]]]:
+    def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str], str | None]]:
+        """Scores, topic terms found and (with a contrast threshold) the contrast term found, per prompt."""
         normalized = _normalized(texts)  # once: the encoder and the term matchers read the same text
         probs = self._model_probabilities(normalized)
         matched = self._matched(normalized, texts)
         for i, hit in enumerate(matched):
             for topic in hit:
                 probs[i, self.topics.index(topic)] = 1.0
-        return [(dict(zip(self.topics, row.tolist())), hit) for row, hit in zip(probs, matched)]
+        contrast = [m.group(0) if self._contrast is not None and (m := self._contrast.search(n)) else None
+                    for n in normalized]
+        return [(dict(zip(self.topics, row.tolist())), hit, c) for row, hit, c in zip(probs, matched, contrast)]
 
     def matched_terms(self, texts: Sequence[str]) -> list[dict[str, str]]:
         """Per prompt, the first topic term found (exactly or one typo away) for each topic that has one.
@@ -298,16 +306,20 @@ class PromptClassifier:
             >>> [c.flagged for c in clf.classify(["Who is Yoda?", "Boil an egg"])]  # doctest: +SKIP
             [True, False]
         """
-        return [self._decide(scores, terms) for scores, terms in self._scored(texts)]
+        return [self._decide(*scored) for scored in self._scored(texts)]
 
-    def _decide(self, scores: dict[str, float], terms: dict[str, str]) -> Classification:
-        flagged = [t for t in self.topics if scores[t] >= self.thresholds[t]]
+    def _decide(self, scores: dict[str, float], terms: dict[str, str], contrast: str | None) -> Classification:
+        # A prompt naming a neighbouring work ("Gandalf", "Beatrix Potter") needs a confident score for a
+        # topic it names no term of: the name is evidence against the topic the encoder alone cannot weigh.
+        thresholds = {t: max(v, self._contrast_threshold) if contrast is not None and t not in terms else v
+                      for t, v in self.thresholds.items()}
+        flagged = [t for t in self.topics if scores[t] >= thresholds[t]]
         if flagged:
             # Largest margin in logit space: thresholds close to 1 make raw differences tiny.
-            topic = max(flagged, key=lambda t: _logit(scores[t]) - _logit(self.thresholds[t]))
-            return Classification(True, topic, scores[topic], scores, terms)
+            topic = max(flagged, key=lambda t: _logit(scores[t]) - _logit(thresholds[t]))
+            return Classification(True, topic, scores[topic], scores, terms, contrast)
         top = max(self.topics, key=scores.__getitem__)
-        return Classification(False, None, scores[top], scores, terms)
+        return Classification(False, None, scores[top], scores, terms, contrast)
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """The encoder's probabilities alone (no terms): what thresholds are calibrated on."""

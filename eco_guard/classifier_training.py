@@ -88,6 +88,9 @@ class TrainingSettings(BaseModel):
         "floor under calibrated thresholds: a confident model puts every calibration negative near 0, "
         "so the conformal quantile can fall far below 0.5, where unseen text (a long prompt's many "
         "windows, typos) crosses it; 0.5 = flag only what the model finds more likely than not"))
+    contrast_threshold: float | None = Field(None, ge=0, le=1, description=(
+        "threshold for a prompt that names a contrast term and no term of the topic (None: the topic's own): "
+        "a neighbouring work's name is evidence against the topic that the encoder alone cannot weigh"))
     window_tokens: int = Field(128, ge=8, le=512, description="tokens per scoring window (special tokens included)")
     window_stride: int = Field(64, ge=1, le=512, description="tokens between window starts")
     quantize: bool = Field(False, description="int8 dynamic quantisation of the encoder: 2-3x faster on CPU, but "

@@ -491,6 +491,22 @@ def test_quoted_terms_match_only_as_capitalised_and_contrast_terms_shield_namesa
     assert len(prompts) == 3 and all("Chewbacca" in p for p in prompts)
 
 
+def test_a_contrast_name_raises_the_bar_for_topics_without_a_term(tiny_encoder, tmp_path):
+    settings = {**FAST, "contrast_threshold": 0.999}
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=settings, progress=False,
+                                 max_false_positive_rate=0.1, contrast_terms=["Gandalf"], terms={"wizards": ["Merlin"]})
+    clf.recalibrate(thresholds={"wizards": 1e-6, "space": 1.0})  # every prompt reaches the plain threshold
+    prompt = POS["wizards"][0]
+    plain, named = clf.classify([prompt, f"{prompt} Gandalf"])
+    assert plain.flagged and plain.contrast is None
+    assert named.contrast == "gandalf" and not named.flagged   # ...but not at 0.999 next to a contrast name
+    assert named.scores["wizards"] < 0.999
+    with_term = clf.classify(["Merlin and Gandalf"])[0]
+    assert with_term.flagged and with_term.topic == "wizards"  # a topic term still decides
+    clf.save_pretrained(tmp_path / "clf")
+    assert PromptClassifier.from_pretrained(tmp_path / "clf").classify([f"{prompt} Gandalf"])[0].flagged is False
+
+
 def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
     cfg = _config(tmp_path, tiny_encoder)
     calls = []
