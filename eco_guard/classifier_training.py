@@ -162,8 +162,8 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     n_topic = sum(map(len, term_pos.values()))
     per_contrast = max(s.term_prompts, math.ceil(n_topic / len(contrast_terms))) if contrast_terms and s.term_prompts else 0
     term_neg = term_prompts(contrast_terms, rng, per_term=per_contrast)
-    if len(term_neg) > max(n_topic, len(contrast_terms)):  # as many as the topics' (rounding up overshoots)
-        term_neg = rng.sample(term_neg, max(n_topic, len(contrast_terms)))
+    if len(term_neg) > (cap := max(n_topic, len(contrast_terms))):  # as many as the topics' (rounding up overshoots)
+        term_neg = rng.sample(term_neg, cap)
     prose = list(prose_sentences()) if s.prose_negatives else []
     texts, labels = _examples(train_pos, train_neg, s, list(positives), prose=prose)
     for i, topic in enumerate(positives):

@@ -194,7 +194,9 @@ class TermMatcher:
         self.pattern = term_pattern(terms)
         self._cased = term_pattern(cased, raw=True, ignore_case=False)
         self._except = term_pattern(except_terms)
-        self._known = frozenset(known_words).union(w for t in except_terms for w in _WORDS.findall(normalize_text(t)))
+        self._known = known_words
+        # kept apart from known_words: a union would copy the 160,000-word dictionary per matcher
+        self._except_words = frozenset(w for t in except_terms for w in _WORDS.findall(normalize_text(t)))
         self._min = fuzzy_min_len
         # Word by word: each term word (4+ letters) by its one-letter deletions, and the terms holding it.
         self._word_by_delete: dict[str, set[str]] = {}
@@ -225,7 +227,7 @@ class TermMatcher:
         if not self._by_delete and not self._word_by_delete:
             return None
         words = _WORDS.findall(normalized)
-        unknown = [i for i, w in enumerate(words) if w not in self._known]
+        unknown = [i for i, w in enumerate(words) if w not in self._known and w not in self._except_words]
         if found := self._find_word_by_word(words, unknown):
             return found
         for n, index in self._by_delete.items():  # a term of n words, typed with one slip
@@ -263,8 +265,8 @@ class TermMatcher:
                 for term, k in self._terms_with[near]:
                     span = words[i - k:i - k + len(term)] if i >= k else []
                     if len(span) == len(term) and all(
-                            w == t or (w not in self._known and len(t) >= _FUZZY_WORD_MIN_LEN and w[0] == t[0]
-                                       and _one_edit(w, t))
+                            w == t or (w not in self._known and w not in self._except_words
+                                       and len(t) >= _FUZZY_WORD_MIN_LEN and w[0] == t[0] and _one_edit(w, t))
                             for w, t in zip(span, term)):
                         return " ".join(span)
         return None
