@@ -184,6 +184,7 @@ class PromptClassifier:
             "settings": s.model_dump(), "terms": terms, "contrast_terms": contrast_terms,
             "data_hash": data_hash(positives, negatives, terms, contrast_terms, extra_pos, extra_neg),
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
+            "training_precision": result.precision,
         }
         clf = cls(st, net, list(positives), {t: 1.0 for t in positives}, metadata, {})
         clf.metadata["term_hits_in_negatives"] = clf._term_hits_in([*negatives, *extra_neg])

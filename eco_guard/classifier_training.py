@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ from eco_guard.text import english_words
 if TYPE_CHECKING:
     from eco_guard.classifier import _Batcher, _Net
 
-__all__ = ["FitResult", "TrainingSettings", "calibrate", "conformal_threshold", "fit", "keep_lowest_layers"]
+__all__ = ["FitResult", "TrainingSettings", "calibrate", "conformal_threshold", "fit", "keep_lowest_layers",
+           "resolved_precision"]
 
 _NEGATIVE_GROUP = "\x00negatives"
 _HEAD_FIT_LR = 0.02  # full-batch Adam on fixed embeddings: a convex problem, a large step is safe
@@ -64,6 +65,10 @@ class TrainingSettings(BaseModel):
         "keep only the lowest N transformer layers of the encoder (None: all); training and scoring "
         "cost fall in proportion, and fine-tuning adapts the shortened encoder (4 of all-MiniLM-L6-v2's 6: "
         "a third less compute)"))
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "arithmetic of fine-tuning's forward and backward passes (weights, optimiser and scoring stay float32): "
+        "bfloat16 autocast was 1.5x faster on a CPU with native bf16 (AVX512-BF16, AMX) and is emulated, slowly, "
+        "elsewhere; auto = bfloat16 where the CPU has it"))
     epochs: int = Field(3, ge=0, le=100, description="fine-tuning passes over the augmented training set")
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(5e-5, gt=0, le=1, description="encoder learning rate (AdamW)")
@@ -128,6 +133,7 @@ class FitResult:
     holdout_positives: dict[str, list[str]]
     losses: list[float] = field(default_factory=list)
     n_examples: int = 0
+    precision: str = "float32"
 
 
 def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
@@ -141,6 +147,9 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     """
     start = time.perf_counter()
     _seed(s.seed)
+    # The head was initialised when the encoder loaded, from whatever state the global RNG was in
+    # (a second training in one process got another head and another model): start it from the seed.
+    net.head.reset_parameters()
     rng = random.Random(s.seed)
     train_pos, holdout_pos = _split_positives(positives, s.positive_holdout_fraction, rng)
     train_neg, cal_neg = _split(list(dict.fromkeys(negatives)), s.calibration_fraction, rng)
@@ -180,9 +189,26 @@ def fit(net: _Net, batcher: _Batcher, positives: Mapping[str, Sequence[str]], ne
     # As a warm start before fine-tuning, the head needs no more than a sample of the embeddings.
     warm = rng.sample(range(len(ids)), min(len(ids), _WARM_START_EXAMPLES)) if s.finetune_encoder and s.epochs else None
     _fit_head(net, batcher, ids, y, s, progress, subset=warm)
-    losses = _finetune(net, batcher, ids, y, s, progress) if s.finetune_encoder and s.epochs else []
+    precision = resolved_precision(s.precision)
+    losses = _finetune(net, batcher, ids, y, s, progress, precision) if s.finetune_encoder and s.epochs else []
     net.eval()
-    return FitResult(time.perf_counter() - start, cal_neg, holdout_pos, losses, len(texts))
+    return FitResult(time.perf_counter() - start, cal_neg, holdout_pos, losses, len(texts), precision)
+
+
+def resolved_precision(precision: str) -> str:
+    """``auto`` resolved for this CPU: bfloat16 where oneDNN has native bf16 kernels.
+
+    Example:
+        >>> resolved_precision("float32")
+        'float32'
+    """
+    if precision != "auto":
+        return precision
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        native = False
+    return "bfloat16" if native else "float32"
 
 
 def _split(items: list[str], fraction: float, rng: random.Random) -> tuple[list[str], list[str]]:
@@ -258,7 +284,7 @@ def _fit_head(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tenso
 
 
 def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tensor, s: TrainingSettings,
-              progress: bool) -> list[float]:
+              progress: bool, precision: str = "float32") -> list[float]:
     """End-to-end AdamW with linear warm-up and decay; batches grouped by length to cut padding."""
     fixed = list(net.transformer.get_input_embeddings().parameters()) if s.freeze_embeddings else []
     if s.frozen_layers:
@@ -288,7 +314,9 @@ def _finetune(net: _Net, batcher: _Batcher, ids: list[list[int]], y: torch.Tenso
     for _ in range(s.epochs):
         epoch_loss = 0.0
         for idx in _length_batches(ids, s.batch_size, rng):
-            loss = loss_fn(net(*batcher.pad([ids[i] for i in idx])), y[idx])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+                logits = net(*batcher.pad([ids[i] for i in idx]))
+            loss = loss_fn(logits.float(), y[idx])
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), _MAX_GRAD_NORM)

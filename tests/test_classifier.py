@@ -667,3 +667,25 @@ def test_buried_prompt_stays_inside_the_first_window():
     before = [len(b.split("Who is Yoda?")[0].split()) for b in buried]
     total = [len(b.split()) - 3 for b in buried]
     assert max(before) <= 45 and max(total) > 60 and min(before) == 0 and max(before) > 20
+
+
+def test_training_is_seeded_and_bfloat16_leaves_float32_weights(tiny_encoder):
+    import torch
+
+    from eco_guard.classifier_training import resolved_precision
+
+    def train(precision: str) -> PromptClassifier:
+        return PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, max_false_positive_rate=0.1,
+                                      settings={**FAST, "precision": precision, "learning_rate": 1e-3})
+
+    texts = [*POS["wizards"][:3], *POS["space"][:3], *NEG[:3]]
+    bf16 = train("bfloat16")
+    torch.manual_seed(1234)  # whatever the caller did to the global RNG, the seed decides
+    again, fp32 = train("bfloat16"), train("float32")
+    assert bf16.metadata["training_precision"] == "bfloat16" and fp32.metadata["training_precision"] == "float32"
+    assert all(p.dtype == torch.float32 for p in bf16._net.parameters())
+    assert bf16.score(texts) == again.score(texts)  # seeded: the same model twice
+    assert bf16.score(texts) != fp32.score(texts)  # the arithmetic did change
+    assert resolved_precision("auto") in {"bfloat16", "float32"}
+    with pytest.raises(ConfigError, match=r"classifier\.training\.precision"):
+        TrainingSettings.parse({"precision": "fp16"})
