@@ -70,6 +70,8 @@ class Classification:
         terms: per topic, the term found in the prompt (such a topic's score is 1.0).
         contrast: the contrast term found in the prompt, when the classifier has a
             ``contrast_threshold`` (topics without a term hit then need that score), else None.
+        weak_terms: per topic, the weak term found (an ambiguous name: the topic then needed only
+            ``weak_term_threshold``, unless a contrast term was found too).
     """
 
     flagged: bool
@@ -78,6 +80,7 @@ class Classification:
     scores: dict[str, float]
     terms: dict[str, str] = field(default_factory=dict)
     contrast: str | None = None
+    weak_terms: dict[str, str] = field(default_factory=dict)
 
 
 class _Net(nn.Module):
@@ -136,6 +139,10 @@ class PromptClassifier:
         self._matchers = {t: TermMatcher(v, known_words=known, except_terms=contrast) for t, v in self.terms.items() if v}
         self._contrast_threshold = metadata.get("settings", {}).get("contrast_threshold")
         self._contrast = term_pattern(contrast) if self._contrast_threshold is not None else None
+        # Weak terms are short, everyday words: exact matches only, no typo search.
+        self._weak = {t: TermMatcher(v, except_terms=contrast, typos=False)
+                      for t, v in metadata.get("weak_terms", {}).items() if v and t in self.topics}
+        self._weak_threshold = float(metadata.get("settings", {}).get("weak_term_threshold", 0.6))
 
     # ------------------------------------------------------------------ building
 
@@ -147,7 +154,8 @@ class PromptClassifier:
               terms: Mapping[str, Sequence[str]] | None = None,
               contrast_terms: Sequence[str] = (),
               train_only_positives: Mapping[str, Sequence[str]] | None = None,
-              train_only_negatives: Sequence[str] = ()) -> PromptClassifier:
+              train_only_negatives: Sequence[str] = (),
+              weak_terms: Mapping[str, Sequence[str]] | None = None) -> PromptClassifier:
         """Fine-tune (or fit a frozen-encoder head), then calibrate thresholds on held-out negatives.
 
         Args:
@@ -165,6 +173,8 @@ class PromptClassifier:
             train_only_positives: per topic, prompts that always train (never held out to report the FNR).
             train_only_negatives: negatives that always train (never held out to calibrate): curated
                 hard cases that would otherwise set the false-positive budget of ordinary traffic.
+            weak_terms: per topic, ambiguous names (Luke, Empire) that lower its threshold to
+                ``settings.weak_term_threshold`` in a prompt that names one (they do not train).
 
         Raises:
             ConfigError: unknown or invalid training settings.
@@ -172,6 +182,7 @@ class PromptClassifier:
         """
         s = settings if isinstance(settings, TrainingSettings) else TrainingSettings.parse(settings or {})
         terms = {t: list(dict.fromkeys((terms or {}).get(t, []))) for t in positives}
+        weak_terms = {t: list(dict.fromkeys((weak_terms or {}).get(t, []))) for t in positives}
         st, net = _load_encoder(encoder, len(positives))
         keep_lowest_layers(net.transformer, s.encoder_layers)
         contrast_terms = list(dict.fromkeys(contrast_terms))
@@ -182,7 +193,8 @@ class PromptClassifier:
             "format_version": FORMAT_VERSION, "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
             "window_tokens": s.window_tokens, "window_stride": s.window_stride, "quantize": s.quantize,
             "settings": s.model_dump(), "terms": terms, "contrast_terms": contrast_terms,
-            "data_hash": data_hash(positives, negatives, terms, contrast_terms, extra_pos, extra_neg),
+            "weak_terms": weak_terms,
+            "data_hash": data_hash(positives, negatives, terms, contrast_terms, extra_pos, extra_neg, weak_terms),
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
             "training_precision": result.precision,
         }
@@ -236,7 +248,7 @@ class PromptClassifier:
             clf = cls.train(data.positives, data.negatives, encoder=cfg.classifier.encoder, settings=settings,
                             progress=progress, max_false_positive_rate=fpr, thresholds=fixed, terms=data.terms,
                             contrast_terms=data.contrast_terms, train_only_positives=data.train_only_positives,
-                            train_only_negatives=data.train_only_negatives)
+                            train_only_negatives=data.train_only_negatives, weak_terms=data.weak_terms)
             _save_whole(clf, path)
             return clf
 
@@ -264,10 +276,10 @@ class PromptClassifier:
             >>> clf.score(["Who is Yoda?"])  # doctest: +SKIP
             [{'harry_potter': 0.0012, 'star_wars': 0.9993}]
         """
-        return [scores for scores, _, _ in self._scored(texts)]
+        return [scores for scores, *_ in self._scored(texts)]
 
-    def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str], str | None]]:
-        """Scores, topic terms found and (with a contrast threshold) the contrast term found, per prompt."""
+    def _scored(self, texts: Sequence[str]) -> list[tuple[dict[str, float], dict[str, str], str | None, dict[str, str]]]:
+        """Scores, topic terms found, (with a contrast threshold) the contrast term found and weak terms found."""
         normalized = _normalized(texts)  # once: the encoder and the term matchers read the same text
         probs = self._model_probabilities(normalized)
         matched = self._matched(normalized, texts)
@@ -276,7 +288,9 @@ class PromptClassifier:
                 probs[i, self.topics.index(topic)] = 1.0
         contrast = [m.group(0) if self._contrast is not None and (m := self._contrast.search(n)) else None
                     for n in normalized]
-        return [(dict(zip(self.topics, row.tolist())), hit, c) for row, hit, c in zip(probs, matched, contrast)]
+        weak = [{t: found for t, m in self._weak.items() if (found := m.find(norm, raw))}
+                for norm, raw in zip(normalized, texts)]
+        return [(dict(zip(self.topics, row.tolist())), hit, c, w) for row, hit, c, w in zip(probs, matched, contrast, weak)]
 
     def matched_terms(self, texts: Sequence[str]) -> list[dict[str, str]]:
         """Per prompt, the first topic term found (exactly or one typo away) for each topic that has one.
@@ -309,18 +323,21 @@ class PromptClassifier:
         """
         return [self._decide(*scored) for scored in self._scored(texts)]
 
-    def _decide(self, scores: dict[str, float], terms: dict[str, str], contrast: str | None) -> Classification:
+    def _decide(self, scores: dict[str, float], terms: dict[str, str], contrast: str | None,
+                weak: dict[str, str]) -> Classification:
         # A prompt naming a neighbouring work ("Gandalf", "Beatrix Potter") needs a confident score for a
         # topic it names no term of: the name is evidence against the topic the encoder alone cannot weigh.
-        thresholds = {t: max(v, self._contrast_threshold) if contrast is not None and t not in terms else v
+        # An ambiguous name of the topic ("Luke", "the Empire") is weaker evidence for it.
+        thresholds = {t: max(v, self._contrast_threshold) if contrast is not None and t not in terms
+                      else min(v, self._weak_threshold) if t in weak and contrast is None else v
                       for t, v in self.thresholds.items()}
         flagged = [t for t in self.topics if scores[t] >= thresholds[t]]
         if flagged:
             # Largest margin in logit space: thresholds close to 1 make raw differences tiny.
             topic = max(flagged, key=lambda t: _logit(scores[t]) - _logit(thresholds[t]))
-            return Classification(True, topic, scores[topic], scores, terms, contrast)
+            return Classification(True, topic, scores[topic], scores, terms, contrast, weak)
         top = max(self.topics, key=scores.__getitem__)
-        return Classification(False, None, scores[top], scores, terms, contrast)
+        return Classification(False, None, scores[top], scores, terms, contrast, weak)
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """The encoder's probabilities alone (no terms): what thresholds are calibrated on."""

@@ -18,7 +18,7 @@ import io
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,7 @@ class TrainingData:
     train_only_negatives: list[str]
     terms: dict[str, list[str]]
     contrast_terms: list[str]
+    weak_terms: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainingData:
@@ -161,18 +162,19 @@ class TrainingData:
 
         return cls({t.name: prompts(t.data, True) for t in cfg.topics}, prompts(cfg.classifier.negatives, True),
                    {t.name: prompts(t.data, False) for t in cfg.topics}, prompts(cfg.classifier.negatives, False),
-                   {t.name: read_terms(t.terms) for t in cfg.topics}, read_terms(cfg.classifier.contrast_terms))
+                   {t.name: read_terms(t.terms) for t in cfg.topics}, read_terms(cfg.classifier.contrast_terms),
+                   {t.name: read_terms(t.weak_terms) for t in cfg.topics})
 
     def hash(self) -> str:
         """:func:`data_hash` of all of it."""
         return data_hash(self.positives, self.negatives, self.terms, self.contrast_terms,
-                         self.train_only_positives, self.train_only_negatives)
+                         self.train_only_positives, self.train_only_negatives, self.weak_terms)
 
 
 def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
               terms: Mapping[str, Sequence[str]] | None = None, contrast_terms: Sequence[str] = (),
               train_only_positives: Mapping[str, Sequence[str]] | None = None,
-              train_only_negatives: Sequence[str] = ()) -> str:
+              train_only_negatives: Sequence[str] = (), weak_terms: Mapping[str, Sequence[str]] | None = None) -> str:
     """SHA-256 of the training prompts and topic terms (topic order and prompt order included).
 
     Example:
@@ -187,6 +189,8 @@ def data_hash(positives: Mapping[str, Sequence[str]], negatives: Sequence[str],
     if any((train_only_positives or {}).values()) or train_only_negatives:  # absent: older hashes still match
         data["train_only"] = {"positives": {t: list(p) for t, p in (train_only_positives or {}).items()},
                               "negatives": list(train_only_negatives)}
+    if any((weak_terms or {}).values()):
+        data["weak_terms"] = {t: list(v) for t, v in (weak_terms or {}).items()}
     blob = json.dumps(data, ensure_ascii=False, sort_keys=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -96,6 +96,9 @@ class TrainingSettings(BaseModel):
     contrast_threshold: float | None = Field(None, ge=0, le=1, description=(
         "threshold for a prompt that names a contrast term and no term of the topic (None: the topic's own): "
         "a neighbouring work's name is evidence against the topic that the encoder alone cannot weigh"))
+    weak_term_threshold: float = Field(0.6, ge=0, le=1, description=(
+        "threshold for a prompt that names one of a topic's weak_terms (and no contrast term), when lower than "
+        "the topic's own: an ambiguous name (Luke, Empire) is evidence for the topic the encoder alone cannot weigh"))
     window_tokens: int = Field(128, ge=8, le=512, description="tokens per scoring window (special tokens included)")
     window_stride: int = Field(64, ge=1, le=512, description="tokens between window starts")
     quantize: bool = Field(False, description="int8 dynamic quantisation of the encoder: 2-3x faster on CPU, but "

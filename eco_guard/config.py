@@ -141,6 +141,9 @@ class TopicConfig(_Strict):
     terms: list[str | TermsFile] = Field(default_factory=list, description=(
         "names that on their own make a prompt about the topic (whole words, any case, plurals and "
         "possessives included); each item is a term or {path: file.txt}"))
+    weak_terms: list[str | TermsFile] = Field(default_factory=list, description=(
+        "ambiguous names of the topic (Luke, Empire, Potter): a prompt naming one needs only "
+        "classifier.training.weak_term_threshold for this topic; quote a name to match it only capitalised"))
     max_false_positive_rate: float = Field(0.01, gt=0, lt=1)
     threshold: float | None = Field(None, ge=0, le=1)
     corruption: CorruptionSpec = Field(default_factory=lambda: CorruptionSpec(strength=5.0))
@@ -267,8 +270,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for topic in data.get("topics") or []:
         if isinstance(topic, dict) and isinstance(topic.get("data"), list):
             topic["data"] = [fix_source(s) for s in topic["data"]]
-        if isinstance(topic, dict) and isinstance(topic.get("terms"), list):
-            topic["terms"] = fix_terms(topic["terms"])
+        for key in ("terms", "weak_terms"):
+            if isinstance(topic, dict) and isinstance(topic.get(key), list):
+                topic[key] = fix_terms(topic[key])
 
 
 def _check_topic_names(data: dict[str, Any], file: str, lines: dict[tuple, int]) -> None:

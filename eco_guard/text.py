@@ -177,12 +177,13 @@ class TermMatcher:
     - one typo in each of several words ("sttar wasr", "prisoner of akzaban"), each such word
       of 4 letters or more; a one-word term needs ``fuzzy_word_min_len`` letters ("hagird").
 
-    A term in double quotes (:func:`case_sensitive_term`) matches as written (its first letter in
-    either case), in the prompt as sent (``raw``), never with a typo.
+    ``typos=False`` finds terms exactly only. A term in double quotes (:func:`case_sensitive_term`)
+    matches as written (a title's first letter in either case: "the Burrow"), in the prompt as sent
+    (``raw``), never with a typo.
 
     ``except_terms`` are names about something else that contain a term ("Hermione Lee", the
-    biographer; "Lando Norris", the driver): a term found inside one of them does not count, and
-    their words are never read as typos of a term ("Fondor" is not "Gondor").
+    biographer; "Lando Norris", the driver): a term found inside one of them does not count (quoted
+    terms too), and their words are never read as typos of a term ("Fondor" is not "Gondor").
 
     Example:
         >>> m = TermMatcher(["Dumbledore", "Hogwarts", "Star Wars"], known_words={"quibble"})
@@ -194,13 +195,17 @@ class TermMatcher:
     """
 
     def __init__(self, terms: Sequence[str], *, known_words: frozenset[str] | set[str] = frozenset(),
-                 fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6, except_terms: Sequence[str] = ()) -> None:
-        # A title's first word may start a sentence or follow one: "watch the Prince's Tale", "the Burrow".
-        cased = [v for t in terms if (name := case_sensitive_term(t)) for v in {name, name[0].lower() + name[1:]}]
+                 fuzzy_min_len: int = 8, fuzzy_word_min_len: int = 6, except_terms: Sequence[str] = (),
+                 typos: bool = True) -> None:
+        # A title's first word may start a sentence or follow one: "watch the Prince's Tale", "the Burrow";
+        # a one-word name keeps its capital ("Luke", not "luke-warm").
+        cased = [v for t in terms if (name := case_sensitive_term(t))
+                 for v in ({name, name[0].lower() + name[1:]} if " " in name else {name})]
         terms = [t for t in terms if case_sensitive_term(t) is None]
         self.pattern = term_pattern(terms)
         self._cased = term_pattern(cased, raw=True, ignore_case=False)
         self._except = term_pattern(except_terms)
+        self._except_raw = term_pattern(except_terms, raw=True) if self._cased is not None else None
         self._known = known_words
         # kept apart from known_words: a union would copy the 160,000-word dictionary per matcher
         self._except_words = frozenset(w for t in except_terms for w in _WORDS.findall(normalize_text(t)))
@@ -209,7 +214,8 @@ class TermMatcher:
         self._word_by_delete: dict[str, set[str]] = {}
         self._terms_with: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         # sorted: the same span is reported in every process (sets iterate in a per-process order)
-        for words in sorted({tuple(_WORDS.findall(n)) for n in map(normalize_text, terms) if _FUZZY_TERM.fullmatch(n)}):
+        fuzzy_terms = terms if typos else []
+        for words in sorted({tuple(_WORDS.findall(n)) for n in map(normalize_text, fuzzy_terms) if _FUZZY_TERM.fullmatch(n)}):
             for k, word in enumerate(words):
                 if len(word) >= (_FUZZY_WORD_MIN_LEN if len(words) > 1 else fuzzy_word_min_len):
                     self._terms_with.setdefault(word, []).append((words, k))
@@ -217,7 +223,7 @@ class TermMatcher:
                         self._word_by_delete.setdefault(variant, set()).add(word)
         # Per word count: a two-word span is only compared with two-word terms ("the stra" is not "Thestral").
         self._by_delete: dict[int, dict[str, set[str]]] = {}
-        for term in {normalize_text(t) for t in terms}:
+        for term in {normalize_text(t) for t in fuzzy_terms}:
             joined = term.replace(" ", "")
             if joined.isalpha() and len(joined) >= fuzzy_min_len:
                 index = self._by_delete.setdefault(term.count(" ") + 1, {})
@@ -229,8 +235,8 @@ class TermMatcher:
         text before normalisation), as it appears there; None if none."""
         if self.pattern is not None and (found := self._find_exact(normalized)):
             return found
-        if self._cased is not None and raw is not None and (m := self._cased.search(raw)):
-            return m.group(0)
+        if self._cased is not None and raw is not None and (found := _unshielded(self._cased, raw, self._except_raw)):
+            return found
         if not self._by_delete and not self._word_by_delete:
             return None
         words = _WORDS.findall(normalized)
@@ -252,14 +258,7 @@ class TermMatcher:
 
     def _find_exact(self, normalized: str) -> str | None:
         assert self.pattern is not None
-        m = self.pattern.search(normalized)
-        if m is None or self._except is None:
-            return m.group(0) if m else None
-        inside = [e.span() for e in self._except.finditer(normalized)]
-        for m in self.pattern.finditer(normalized, m.start()):
-            if not any(a <= m.start() and m.end() <= b for a, b in inside):
-                return m.group(0)
-        return None
+        return _unshielded(self.pattern, normalized, self._except)
 
     def _find_word_by_word(self, words: list[str], unknown: list[int]) -> str | None:
         """A span where every word is the term's word or, if not a known word, one typo from it
@@ -293,6 +292,18 @@ def english_words() -> frozenset[str]:
     """
     with resources.files("spellchecker").joinpath("resources", "en.json.gz").open("rb") as raw:
         return frozenset(w for w in json.load(gzip.open(raw)) if w.isalpha())
+
+
+def _unshielded(pattern: re.Pattern[str], text: str, shield: re.Pattern[str] | None) -> str | None:
+    """The first match of ``pattern`` in ``text`` that lies inside no match of ``shield``."""
+    m = pattern.search(text)
+    if m is None or shield is None:
+        return m.group(0) if m else None
+    inside = [e.span() for e in shield.finditer(text)]
+    for m in pattern.finditer(text, m.start()):
+        if not any(a <= m.start() and m.end() <= b for a, b in inside):
+            return m.group(0)
+    return None
 
 
 def _deletes(word: str) -> set[str]:

@@ -507,6 +507,25 @@ def test_a_contrast_name_raises_the_bar_for_topics_without_a_term(tiny_encoder, 
     assert PromptClassifier.from_pretrained(tmp_path / "clf").classify([f"{prompt} Gandalf"])[0].flagged is False
 
 
+def test_a_weak_term_lowers_the_bar_unless_a_contrast_name_is_there_too(tiny_encoder, tmp_path):
+    settings = {**FAST, "weak_term_threshold": 1e-6, "contrast_threshold": 0.999}
+    clf = PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), settings=settings, progress=False,
+                                 max_false_positive_rate=0.1, contrast_terms=["Gandalf", "Luke Combs"],
+                                 weak_terms={"space": ['"Luke"', "droid"]})
+    clf.recalibrate(thresholds={"wizards": 1.0, "space": 1.0})  # nothing reaches the plain threshold
+    prompts = ["Dinner plans tonight", "Dinner plans with Luke tonight", "dinner plans with luke", "a droid for dinner",
+               "Dinner with Luke and Gandalf", "Luke Combs dinner tour"]
+    got = clf.classify(prompts)
+    assert [c.flagged for c in got] == [False, True, False, True, False, False]
+    assert got[1].topic == "space" and got[1].weak_terms == {"space": "Luke"} and got[1].terms == {}
+    assert got[1].scores == pytest.approx(clf.score([prompts[1]])[0])  # the encoder's score: only the bar moved
+    assert got[4].weak_terms == {"space": "Luke"} and got[4].contrast == "gandalf"
+    assert got[5].weak_terms == {}  # "Luke Combs" is a contrast name: it shields its "Luke"
+    clf.save_pretrained(tmp_path / "clf")
+    assert [c.flagged for c in PromptClassifier.from_pretrained(tmp_path / "clf").classify(prompts)] == \
+        [c.flagged for c in got]
+
+
 def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
     cfg = _config(tmp_path, tiny_encoder)
     calls = []
@@ -689,3 +708,31 @@ def test_training_is_seeded_and_bfloat16_leaves_float32_weights(tiny_encoder):
     assert resolved_precision("auto") in {"bfloat16", "float32"}
     with pytest.raises(ConfigError, match=r"classifier\.training\.precision"):
         TrainingSettings.parse({"precision": "fp16"})
+
+
+def test_weak_terms_come_from_the_config_and_a_missing_file_is_named(tmp_path):
+    from eco_guard.classifier_data import TrainingData
+    from eco_guard.config import load_config
+    from eco_guard.errors import DataError
+
+    (tmp_path / "p.jsonl").write_text('{"text": "Who is Yoda?"}\n')
+    (tmp_path / "n.jsonl").write_text('{"text": "Boil an egg"}\n')
+    (tmp_path / "weak.txt").write_text('# ambiguous\n"Luke"\ndroid\n')
+    body = "classifier: {{negatives: [n.jsonl]}}\ntopics:\n  - {{name: sw, data: [p.jsonl], weak_terms: [{w}]}}\n"
+    (tmp_path / "a.yaml").write_text(body.format(w='"Empire", {path: weak.txt}'))
+    data = TrainingData.from_config(load_config(tmp_path / "a.yaml"))
+    assert data.weak_terms == {"sw": ["Empire", '"Luke"', "droid"]}
+    (tmp_path / "b.yaml").write_text(body.format(w="{path: gone.txt}"))
+    with pytest.raises(DataError, match="gone.txt: terms file not found"):
+        TrainingData.from_config(load_config(tmp_path / "b.yaml"))
+
+
+def test_exact_only_matcher_finds_no_typos_and_quoted_one_word_names_keep_their_capital():
+    from eco_guard.text import TermMatcher, normalize_text
+
+    strict, loose = (TermMatcher(["invisibility cloak", '"Luke"'], typos=t) for t in (False, True))
+    for text in ("an invisibility cloak", "an invisibilty cloak", "Luke's speeder", "lukewarm tea", "luke"):
+        found = [m.find(normalize_text(text), text) for m in (strict, loose)]
+        assert found[0] == {"an invisibility cloak": "invisibility cloak", "Luke's speeder": "Luke's"}.get(text)
+        assert found[1] == found[0] or text == "an invisibilty cloak"
+    assert loose.find("an invisibilty cloak") == "invisibilty cloak"
