@@ -72,6 +72,8 @@ class Classification:
             ``contrast_threshold`` (topics without a term hit then need that score), else None.
         weak_terms: per topic, the weak term found (an ambiguous name: the topic then needed only
             ``weak_term_threshold``, unless a contrast term was found too).
+        thresholds: per topic, the threshold this prompt was held to (the calibrated one, moved by a
+            contrast or weak term).
     """
 
     flagged: bool
@@ -81,6 +83,7 @@ class Classification:
     terms: dict[str, str] = field(default_factory=dict)
     contrast: str | None = None
     weak_terms: dict[str, str] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 class _Net(nn.Module):
@@ -335,9 +338,9 @@ class PromptClassifier:
         if flagged:
             # Largest margin in logit space: thresholds close to 1 make raw differences tiny.
             topic = max(flagged, key=lambda t: _logit(scores[t]) - _logit(thresholds[t]))
-            return Classification(True, topic, scores[topic], scores, terms, contrast, weak)
+            return Classification(True, topic, scores[topic], scores, terms, contrast, weak, thresholds)
         top = max(self.topics, key=scores.__getitem__)
-        return Classification(False, None, scores[top], scores, terms, contrast, weak)
+        return Classification(False, None, scores[top], scores, terms, contrast, weak, thresholds)
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """The encoder's probabilities alone (no terms): what thresholds are calibrated on."""

@@ -114,7 +114,7 @@ def _run_classify(args: argparse.Namespace) -> int:
             batch = texts[start:start + args.batch_size]
             for text, v in zip(batch, clf.classify(batch)):
                 line = {"text": text, "flagged": v.flagged, "topic": v.topic, "score": v.score, "scores": v.scores,
-                        "terms": v.terms}
+                        "terms": v.terms, "weak_terms": v.weak_terms, "contrast": v.contrast}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:

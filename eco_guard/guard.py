@@ -50,6 +50,8 @@ class Decision:
     passages_dropped: int = 0
     error: str | None = None  # why the classifier could not score (fail-closed/open decisions)
     terms: dict[str, str] = field(default_factory=dict)  # topic terms found in the question
+    weak_terms: dict[str, str] = field(default_factory=dict)  # ambiguous names that lowered a topic's bar
+    contrast: str | None = None  # a neighbouring work's name that raised it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -209,6 +211,8 @@ class Guard:
         common = {
             "scores": dict(head.scores),
             "terms": dict(head.terms),
+            "weak_terms": dict(head.weak_terms),
+            "contrast": head.contrast,
             "passages_flagged": len(flagged_passages),
             "passages_dropped": len(flagged_passages) if self.config.rag == "drop" else 0,
         }

@@ -521,6 +521,10 @@ def test_a_weak_term_lowers_the_bar_unless_a_contrast_name_is_there_too(tiny_enc
     assert got[1].scores == pytest.approx(clf.score([prompts[1]])[0])  # the encoder's score: only the bar moved
     assert got[4].weak_terms == {"space": "Luke"} and got[4].contrast == "gandalf"
     assert got[5].weak_terms == {}  # "Luke Combs" is a contrast name: it shields its "Luke"
+    assert got[1].thresholds == {"wizards": 1.0, "space": 1e-6} and got[4].thresholds["space"] == 1.0
+    from eco_guard.eval.classifier_report import EvalRow, evaluate
+    report = evaluate(clf, [EvalRow(prompts[1], "space", {}), EvalRow(prompts[0], "space", {})])
+    assert report["topics"]["space"]["false_negatives"] == 1  # the evaluation counts the lowered bar
     clf.save_pretrained(tmp_path / "clf")
     assert [c.flagged for c in PromptClassifier.from_pretrained(tmp_path / "clf").classify(prompts)] == \
         [c.flagged for c in got]

@@ -44,7 +44,7 @@ def test_classify_writes_one_verdict_per_line(trained_config, tmp_path):
         assert (x["topic"] is None) == (not x["flagged"])
         if x["flagged"]:
             assert x["score"] == x["scores"][x["topic"]]
-        assert x["terms"] == {}  # this config names no terms
+        assert x["terms"] == x["weak_terms"] == {} and x["contrast"] is None  # this config names no terms
 
 
 def test_eval_classifier_writes_report_and_plot(trained_config, tmp_path, capsys):

@@ -84,8 +84,8 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
     negatives = [(r, v) for r, v in zip(rows, verdicts) if r.topic is None]
     for t in topics:
         pos = [v for r, v in zip(rows, verdicts) if r.topic == t]
-        fn = sum(v.scores[t] < clf.thresholds[t] for v in pos)
-        fp = sum(v.scores[t] >= clf.thresholds[t] for _, v in negatives)
+        fn = sum(not _reached(clf, v, t) for v in pos)
+        fp = sum(_reached(clf, v, t) for _, v in negatives)
         report["topics"][t] = {"threshold": clf.thresholds[t], "positives": len(pos), "false_negatives": fn,
                                "fnr": _rate(fn, len(pos)), "negatives": len(negatives), "false_positives": fp,
                                "fpr": _rate(fp, len(negatives))}
@@ -111,7 +111,7 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
 def _group(clf: PromptClassifier, pairs: list[tuple[EvalRow, Any]]) -> dict[str, Any]:
     pos = [(r, v) for r, v in pairs if r.topic is not None]
     neg = [v for r, v in pairs if r.topic is None]
-    fn = sum(v.scores[r.topic] < clf.thresholds[r.topic] for r, v in pos)
+    fn = sum(not _reached(clf, v, r.topic) for r, v in pos)
     fp = sum(v.flagged for v in neg)
     return {"positives": len(pos), "fnr": _rate(fn, len(pos)), "negatives": len(neg), "fpr": _rate(fp, len(neg))}
 
@@ -119,7 +119,13 @@ def _group(clf: PromptClassifier, pairs: list[tuple[EvalRow, Any]]) -> dict[str,
 def _wrong(clf: PromptClassifier, row: EvalRow, verdict: Any) -> bool:
     if row.topic is None:
         return bool(verdict.flagged)
-    return verdict.scores[row.topic] < clf.thresholds[row.topic]
+    return not _reached(clf, verdict, row.topic)
+
+
+def _reached(clf: PromptClassifier, verdict: Any, topic: str) -> bool:
+    """The prompt's score for ``topic`` reached the threshold it was held to (a contrast or weak
+    term moves it from the calibrated one)."""
+    return bool(verdict.scores[topic] >= (verdict.thresholds or clf.thresholds)[topic])
 
 
 def _rate(k: int, n: int) -> float | None:
