@@ -145,7 +145,8 @@ class PromptClassifier:
         # Weak terms are short, everyday words: exact matches only, no typo search.
         self._weak = {t: TermMatcher(v, except_terms=contrast, typos=False)
                       for t, v in metadata.get("weak_terms", {}).items() if v and t in self.topics}
-        self._weak_threshold = float(metadata.get("settings", {}).get("weak_term_threshold", 0.6))
+        self._weak_threshold = float(metadata.get("settings", {}).get(
+            "weak_term_threshold", TrainingSettings.model_fields["weak_term_threshold"].default))
 
     # ------------------------------------------------------------------ building
 
@@ -328,12 +329,7 @@ class PromptClassifier:
 
     def _decide(self, scores: dict[str, float], terms: dict[str, str], contrast: str | None,
                 weak: dict[str, str]) -> Classification:
-        # A prompt naming a neighbouring work ("Gandalf", "Beatrix Potter") needs a confident score for a
-        # topic it names no term of: the name is evidence against the topic the encoder alone cannot weigh.
-        # An ambiguous name of the topic ("Luke", "the Empire") is weaker evidence for it.
-        thresholds = {t: max(v, self._contrast_threshold) if contrast is not None and t not in terms
-                      else min(v, self._weak_threshold) if t in weak and contrast is None else v
-                      for t, v in self.thresholds.items()}
+        thresholds = {t: self._threshold_for(t, terms, contrast, weak) for t in self.topics}
         flagged = [t for t in self.topics if scores[t] >= thresholds[t]]
         if flagged:
             # Largest margin in logit space: thresholds close to 1 make raw differences tiny.
@@ -341,6 +337,16 @@ class PromptClassifier:
             return Classification(True, topic, scores[topic], scores, terms, contrast, weak, thresholds)
         top = max(self.topics, key=scores.__getitem__)
         return Classification(False, None, scores[top], scores, terms, contrast, weak, thresholds)
+
+    def _threshold_for(self, topic: str, terms: dict[str, str], contrast: str | None, weak: dict[str, str]) -> float:
+        """The calibrated threshold, moved by the names in the prompt."""
+        own = self.thresholds[topic]
+        if contrast is not None:
+            # A neighbouring work's name ("Gandalf", "Beatrix Potter") is evidence against a topic the prompt
+            # names no term of, which the encoder alone cannot weigh.
+            return own if topic in terms else max(own, self._contrast_threshold)
+        # An ambiguous name of the topic ("Luke", "the Empire") is weak evidence for it.
+        return min(own, self._weak_threshold) if topic in weak else own
 
     def _probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """The encoder's probabilities alone (no terms): what thresholds are calibrated on."""
