@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_classifier.py --no-train      # reuse the saved classifier
     .venv/bin/python benchmarks/bench_classifier.py --variants finetuned,frozen  # also a frozen-encoder head
 
-Quality: FNR per topic on the `dev` split of ../shared/data at the calibrated thresholds,
+Quality: FNR per topic on the `dev` split of benchmarks/data at the calibrated thresholds,
 and FPR on the retain `dev` prompts (neighbor and general separately). Targets: FNR <= 2%
 per topic at FPR <= 1%.
 
@@ -42,7 +42,7 @@ from eco_guard.config import load_config  # noqa: E402
 from eco_guard.eval.classifier_report import EvalRow, evaluate, load_eval_rows, plot_histograms, to_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-DATA = ROOT.parent.parent / "shared" / "data"
+DATA = ROOT / "data"
 TOPICS = ("harry_potter", "star_wars")
 TARGETS = {"fnr": 0.02, "fpr": 0.01, "p50_ms": 15.0, "throughput": 250.0, "train_s": 300.0}
 

@@ -13,7 +13,7 @@ from eco_guard.text import normalize_text
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 SLICE = {"epochs": 2, "augment_copies": 1, "head_steps": 100, "calibration_fraction": 0.35, "seed": 0}
 NEUTRAL = (
     "The quarterly report shows that revenue grew by four percent while costs stayed flat.",
@@ -30,8 +30,6 @@ def _texts(path: Path, split: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small() -> PromptClassifier:
-    if not DATA.is_dir():
-        pytest.skip(f"no dev data at {DATA}")
     rng = random.Random(0)
     pos = {t: rng.sample(_texts(DATA / "topics" / t / "prompts.jsonl", "train"), n)
            for t, n in (("harry_potter", 50), ("star_wars", 35))}
