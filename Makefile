@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both set up .venv when missing.
+# While developing: `make test-fast` (unit tests, tiny models) and `make lint` (ruff).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test test-fast lint setup clean
 
 setup: $(STAMP)
 
@@ -22,8 +23,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/eco-guard demo
 
+# The whole suite, unit and integration (the real default models): what CI runs (.ci/run).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Unit tests only: tiny random models over the real tokenizer; the real default models are not run.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

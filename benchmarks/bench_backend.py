@@ -30,7 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "benchmark": "backend",
-        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if "cold_load_s" in loads:
         rows.append(("cold GGUF load (dequantise + load)", f"{loads['cold_load_s']:.2f} s", ""))
     rows += [
-        ("warm cached load (median of %d)" % len(loads["warm_load_s"]), f"{loads['warm_load_median_s']:.2f} s",
+        (f"warm cached load (median of {len(loads['warm_load_s'])})", f"{loads['warm_load_median_s']:.2f} s",
          f"<= {TARGET_WARM_S} s {ok[result['targets']['warm_load_ok']]}"),
         ("  of which hashing the GGUF", f"{loads['warm_hash_s']:.2f} s", ""),
         (f"plain, {gen['new_tokens']} new tokens (median of {gen['reps']})", f"{gen['plain_median_s']:.2f} s",

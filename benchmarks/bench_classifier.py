@@ -91,7 +91,8 @@ NON_ENGLISH = {
         "¿Quién es el padre de Luke Skywalker?", "Qui a construit l'Étoile de la Mort ?",
         "Wie funktioniert ein Lichtschwert?", "Chi ha addestrato Obi-Wan Kenobi?",
         "Quem é o Darth Vader e por que ele usa uma máscara?", "Erkläre mir die Macht der Jedi.",
-        "Comment Han Solo a-t-il gagné le Faucon Millenium ?", "¿Qué planeta destruye primero la Estrella de la Muerte?",
+        "Comment Han Solo a-t-il gagné le Faucon Millenium ?",
+        "¿Qué planeta destruye primero la Estrella de la Muerte?",
     ),
     None: (
         "¿Cómo se hace una tortilla de patatas?", "Qui a écrit Le Seigneur des Anneaux ?",
@@ -154,7 +155,8 @@ def robustness_rows(dev: list[EvalRow], seed: int = 7) -> list[EvalRow]:
 def dev_rows() -> list[EvalRow]:
     rows = [EvalRow(r["text"], t, {"style": r["style"]})
             for t in TOPICS for r in read_rows(DATA / "topics" / t / "prompts.jsonl", split="dev")]
-    rows += [EvalRow(r["text"], None, {"kind": r["kind"]}) for r in read_rows(DATA / "retain" / "prompts.jsonl", split="dev")]
+    rows += [EvalRow(r["text"], None, {"kind": r["kind"]})
+             for r in read_rows(DATA / "retain" / "prompts.jsonl", split="dev")]
     return rows
 
 
@@ -186,7 +188,8 @@ def train(config: Path, frozen: bool, out: Path) -> tuple[PromptClassifier, floa
     cfg = load_config(config)
     if frozen:
         training = cfg.classifier.training
-        training = {**(training.model_dump() if hasattr(training, "model_dump") else training), "finetune_encoder": False}
+        training = {**(training.model_dump() if hasattr(training, "model_dump") else training),
+                    "finetune_encoder": False}
         cfg = cfg.model_copy(update={"classifier": cfg.classifier.model_copy(
             update={"training": training, "path": out / "model_frozen"})})
     start = time.perf_counter()
@@ -216,13 +219,15 @@ def summary_lines(name: str, q: dict, train_s: float | None, speeds: list[dict])
         lines.append(f"| dev FNR, style {style} | {100 * g['fnr']:.1f}% (of {g['positives']}) | |")
     for kind, g in rob["groups"].get("kind", {}).items():
         fpr = "n/a" if g["fpr"] is None else f"{100 * g['fpr']:.1f}%"
-        lines.append(f"| unseen {kind}: FNR / FPR | {100 * g['fnr']:.1f}% / {fpr} (n={g['positives']}/{g['negatives']}) | |")
+        lines.append(f"| unseen {kind}: FNR / FPR | {100 * g['fnr']:.1f}% / {fpr} "
+                     f"(n={g['positives']}/{g['negatives']}) | |")
     for part, ho in q.items():
         if not part.startswith("heldout:"):
             continue
         name = part.removeprefix("heldout:")
         for t, m in ho["topics"].items():
-            lines.append(f"| {name} FNR {t} | {100 * m['fnr']:.1f}% ({m['false_negatives']}/{m['positives']}) | <= 2% |")
+            lines.append(f"| {name} FNR {t} | {100 * m['fnr']:.1f}% "
+                         f"({m['false_negatives']}/{m['positives']}) | <= 2% |")
         for kind, g in ho["groups"].get("kind", {}).items():
             if g["negatives"]:
                 lines.append(f"| {name} FPR, {kind} | {100 * g['fpr']:.1f}% (of {g['negatives']}) | <= 1% |")
@@ -233,7 +238,8 @@ def summary_lines(name: str, q: dict, train_s: float | None, speeds: list[dict])
     for sp in speeds:
         lines.append(f"| single prompt p50 / p95, {sp['threads']} thread(s), load {sp['load_avg']:.1f} | "
                      f"{sp['single_p50_ms']:.1f} / {sp['single_p95_ms']:.1f} ms | p50 <= 15 ms |")
-        lines.append(f"| batched throughput, {sp['threads']} thread(s) | {sp['batched_prompts_per_s']:.0f} prompts/s | >= 250 |")
+        lines.append(f"| batched throughput, {sp['threads']} thread(s) | "
+                     f"{sp['batched_prompts_per_s']:.0f} prompts/s | >= 250 |")
     return lines + [""]
 
 
@@ -248,7 +254,8 @@ def main() -> None:
     ap.add_argument("--speed-threads", default="1,2", help="thread counts for the latency/throughput runs")
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
     ap.add_argument("--heldout", type=Path, nargs="*",
-                    default=[ROOT / "heldout" / f"{name}.jsonl" for name in ("fresh3", "fresh2_b", "fresh2_a", "fresh")],
+                    default=[ROOT / "heldout" / f"{name}.jsonl"
+                             for name in ("fresh3", "fresh2_b", "fresh2_a", "fresh")],
                     help="labelled JSONL files (text, topic, kind) written after the config was frozen, each "
                          "reported on its own (see heldout/README.md); missing files are skipped")
     ap.add_argument("--blind", nargs="*", default=["fresh3", "fresh2_b"],
@@ -264,8 +271,8 @@ def main() -> None:
                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                  "load_avg_at_start": os.getloadavg()}, "targets": TARGETS, "variants": {}}
     md = ["# Prompt classifier benchmark", "", f"`{results['command']}`", "",
-          f"CPU cores: {os.cpu_count()}, torch threads while training: {torch.get_num_threads()}, load average at "
-          f"start: {os.getloadavg()[0]:.1f} (the cores are shared with other jobs: timings are noisy).", ""]
+          (f"CPU cores: {os.cpu_count()}, torch threads while training: {torch.get_num_threads()}, load average at "
+           f"start: {os.getloadavg()[0]:.1f} (the cores are shared with other jobs: timings are noisy)."), ""]
     for slug in args.variants.split(","):
         frozen = slug == "frozen"
         name = "frozen encoder + head" if frozen else "fine-tuned encoder + head"

@@ -52,8 +52,8 @@ def measure(guard: Guard, prompts: list[str], repeats: int, tokens: int, want_fl
     for _ in tqdm(range(repeats), desc=f"{'flagged' if want_flagged else 'unflagged'} x{len(prompts)}"):
         for prompt in prompts:
             prepared = backend.prepare([{"role": "user", "content": prompt}])
-            plain.append(timed(lambda: backend.generate([prepared], None, params)))
-            guarded.append(timed(lambda: guard.invoke(prompt, max_new_tokens=tokens, ignore_eos=True)))
+            plain.append(timed(lambda prepared=prepared: backend.generate([prepared], None, params)))
+            guarded.append(timed(lambda prompt=prompt: guard.invoke(prompt, max_new_tokens=tokens, ignore_eos=True)))
     g, p = statistics.median(guarded), statistics.median(plain)
     return {"guarded_s": g, "plain_s": p, "ratio": g / p, "samples": len(guarded)}
 

@@ -28,9 +28,10 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Final, Iterator, Sequence
+from typing import Final
 
 import torch
 from tqdm import tqdm

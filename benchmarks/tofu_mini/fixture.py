@@ -16,9 +16,10 @@ facts of the same kind, so they are plausible by construction.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Final, Iterable
+from typing import Any, Final
 
 DATA_DIR: Final = Path(__file__).resolve().parent / "data"
 SPLITS: Final = ("forget", "retain", "general")
@@ -54,7 +55,7 @@ class QAItem:
     kind: str
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> "QAItem":
+    def from_dict(cls, row: dict[str, Any]) -> QAItem:
         """Rebuild an item from its JSON form (lists become tuples)."""
         return cls(**{**row, "keys": tuple(row["keys"]), "perturbed": tuple(row["perturbed"])})
 

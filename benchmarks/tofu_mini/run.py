@@ -26,29 +26,30 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 import torch
 
 HERE: Final = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import finetune  # noqa: E402
+from fixture import DATA_DIR, load_qa  # noqa: E402
 from scoring import (  # noqa: E402
     ECO_CONFIG,
     eco_spec,
+    eval_items,
+    forget_keywords,
     guard_answer_corruptor,
     guard_corruptor,
-    eval_items,
     heldout_routing,
-    forget_keywords,
     keyword_answer_corruptor,
     keyword_corruptor,
     measure,
     split_scores,
     summarise,
 )
-from fixture import DATA_DIR, load_qa  # noqa: E402
 
 from eco_guard.eval import tofu  # noqa: E402
 
@@ -91,7 +92,8 @@ def measure_weights(name: str, items: dict) -> dict:
     def compute() -> dict:
         model, tokenizer = finetune.load_model(finetune.CACHE_DIR / name)
         model.eval()
-        out = {"splits": {split: measure(model, tokenizer, its, desc=f"{name}/{split}") for split, its in items.items()}}
+        out = {"splits": {split: measure(model, tokenizer, its, desc=f"{name}/{split}")
+                          for split, its in items.items()}}
         if name in ("full", "retain"):
             authors = load_qa(["forget", "retain"])
             replies = tofu.generate_answers(model, tokenizer, authors, max_new_tokens=32)
@@ -181,7 +183,8 @@ def measure_eco_guard(items: dict) -> dict:
     def prefill() -> dict:
         decisions: dict[str, dict] = {}
         corrupt = guard_corruptor(guard, decisions)
-        splits = {split: measure(model, tokenizer, its, corrupt, desc=f"eco guard/{split}") for split, its in items.items()}
+        splits = {split: measure(model, tokenizer, its, corrupt, desc=f"eco guard/{split}")
+                  for split, its in items.items()}
         return {"splits": splits, "decisions": decisions}
 
     def paper() -> dict:
@@ -198,8 +201,10 @@ def measure_eco_guard(items: dict) -> dict:
     raw = cached("eco_guard", fingerprint, prefill)
     raw_paper = cached("eco_guard_paper", fingerprint, paper)
     routing = cached("eco_guard_heldout_routing", fingerprint, heldout)
-    flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its) for split, its in items.items()}
-    paper_splits = {split: {**raw_paper["splits"][split], "replies": raw["splits"][split]["replies"]} for split in items}
+    flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its)
+               for split, its in items.items()}
+    paper_splits = {split: {**raw_paper["splits"][split], "replies": raw["splits"][split]["replies"]}
+                    for split in items}
     return {"prefill": {"splits": raw["splits"]}, "paper": {"splits": paper_splits}, "decisions": raw["decisions"],
             "cost_seconds": cost, "flagged_rate": flagged, "heldout_routing": routing,
             "eval_seconds": raw["eval_seconds"] + raw_paper["eval_seconds"] + routing["eval_seconds"],
@@ -223,8 +228,8 @@ def _row(name: str, summary: dict, cost: float, note: str = "", routing: str = "
 def markdown_table(rows: list[dict]) -> str:
     """method × forget quality, model utility, forget ROUGE-L, forget hit rate, cost, and for
     ECO the share of forget/retain/general questions corrupted."""
-    lines = ["| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) | "
-             "corrupted: forget/retain/general |",
+    lines = [("| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) | "
+              "corrupted: forget/retain/general |"),
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
@@ -346,12 +351,13 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(rows)
     sweep_table = ("| σ | forget quality (paper scoring) | forget quality (prefill only) | forget ROUGE-L | "
                    "forget hit rate | model utility |\n|---|---|---|---|---|---|\n") + "".join(
-        f"| {r['sigma']:g} | {r['forget_quality']:.3g} | {r['forget_quality_prefill']:.3g} | {r['forget_rouge_l']:.3f} | "
-        f"{r['forget_hit_rate']:.2f} | {r['model_utility']:.3f} |\n" for r in sweep_rows)
+        f"| {r['sigma']:g} | {r['forget_quality']:.3g} | {r['forget_quality_prefill']:.3g} | "
+        f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['model_utility']:.3f} |\n" for r in sweep_rows)
     (RESULTS / "results.md").write_text(
         f"Full model answers {results['full_model_accuracy_all_authors']:.1%} of the 180 author questions "
         f"(retain model: {results['retain_model_accuracy_all_authors']:.1%}). General questions: base model "
-        f"hit rate {base_general['hit_rate']:.0%}, full model {results['full_model_general']['hit_rate']:.0%}.\n\n{table}\nECO strength sweep:\n\n{sweep_table}"
+        f"hit rate {base_general['hit_rate']:.0%}, full model {results['full_model_general']['hit_rate']:.0%}.\n\n"
+        f"{table}\nECO strength sweep:\n\n{sweep_table}"
         + (routing_table(guard_routing) if guard_routing else ""))
     plot(rows, sweep_rows, RESULTS / "forget_vs_utility.png")
     logger.info("\n%s", table)

@@ -8,8 +8,9 @@ answers, and greedy replies) and returns plain lists, cached as JSON by ``run.py
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, Sequence
+from typing import Any, Final
 
 import torch
 from tqdm import tqdm

@@ -95,7 +95,8 @@ def build_unguarded_chain(guard: Guard, retriever: Any = None, **generation: Any
         prompt = guard.backend.prepare(guard.render(request))  # the same RAG prompt ECOGuard renders
         return guard.backend.generate([prompt], [None], params)[0].text
 
-    return {"context": retriever, "question": RunnablePassthrough()} | RunnableLambda(answer, name="unguarded_local_model")
+    return {"context": retriever, "question": RunnablePassthrough()} | RunnableLambda(
+        answer, name="unguarded_local_model")
 
 
 def main(argv: list[str] | None = None) -> int:
