@@ -42,7 +42,8 @@ import transformers  # noqa: E402, F401  (imported before timing: import cost is
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
 
 from eco_guard.backends import local  # noqa: E402
-from eco_guard.backends.local import CorruptionPlan, GenerationParams, LocalBackend, default_gguf_path  # noqa: E402
+from eco_guard.backends.base import CorruptionPlan, GenerationParams  # noqa: E402
+from eco_guard.backends.local import LocalBackend, default_gguf_path  # noqa: E402
 from eco_guard.corruption import CorruptionSpec  # noqa: E402
 from eco_guard.selection import token_mask  # noqa: E402
 

@@ -1,37 +1,50 @@
-"""The engine: classify a prompt, route it, generate (corrupted or plain), report the decision.
+"""The engine: check a request, classify it, decide its route, and say how to produce the reply.
+
+:meth:`Guard.plan` is the one answering path: every face (the LangChain runnable and chat model, the
+document filter, the CLI) asks it for an :class:`Answer` and produces the reply through that answer,
+never through a backend. An answer knows its route before the first token is generated:
+
+- ``corrupted``: the prompt is flagged; its embeddings get the topic's corruption;
+- ``fallback``: not flagged; plain generation (or the face's own fallback model);
+- ``blocked``: the classifier failed and the policy is ``block``; a fixed reply, nothing generated.
 
 Example:
     >>> guard = Guard.from_config()                       # the embedded demo config  # doctest: +SKIP
-    >>> result = guard.invoke("Who is Harry Potter?")     # doctest: +SKIP
-    >>> result.decision.route, result.decision.topic      # doctest: +SKIP
+    >>> answer = guard.plan("Who is Harry Potter?")       # doctest: +SKIP
+    >>> answer.route, answer.decision.topic               # doctest: +SKIP
     ('corrupted', 'harry_potter')
+    >>> answer.generate().text                            # doctest: +SKIP
+    'The Unseen One is ...'
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from eco_guard.backends.local import (
+from eco_guard.backends.base import (
+    Backend,
     CorruptionPlan,
     Generation,
     GenerationParams,
-    LocalBackend,
+    Message,
     PreparedPrompt,
     StreamEvent,
 )
-from eco_guard.classifier import Classification, PromptClassifier
 from eco_guard.config import GuardConfig, TopicConfig, load_config
-from eco_guard.errors import ClassifierError, EcoGuardError, InputError
+from eco_guard.errors import EcoGuardError, InputError
 from eco_guard.selection import find_spans, select_mask, token_mask
 
-__all__ = ["BLOCKED_REPLY", "Decision", "Guard", "GuardRequest", "GuardResult", "Route"]
+if TYPE_CHECKING:
+    from eco_guard.classifier import Classification, PromptClassifier
+
+__all__ = ["BLOCKED_REPLY", "Answer", "Decision", "Guard", "GuardRequest", "GuardResult", "Route", "Verdict"]
 
 Route = Literal["corrupted", "fallback", "blocked"]
-Message = dict[str, str]
 BLOCKED_REPLY = "I can't answer that right now."
 _RAG_TEMPLATE = "Use the context to answer the question.\n\nContext:\n{context}\n\nQuestion: {question}"
 
@@ -58,6 +71,25 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """The guard's judgement of one text on its own (a retrieved passage), error policy applied."""
+
+    flagged: bool
+    topic: str | None
+    score: float
+    error: str | None = None
+
+
+def _check_text(text: str, what: str) -> None:
+    """Text that cannot be encoded would fail deep inside a tokenizer; say why here instead."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at character "
+                         f"{exc.start}: send valid Unicode text") from None
+
+
+@dataclass(frozen=True)
 class GuardRequest:
     """One request: a chat, and for RAG the retrieved passages to judge one by one."""
 
@@ -66,8 +98,13 @@ class GuardRequest:
 
     @classmethod
     def of(cls, prompt: str | Sequence[Message] | GuardRequest, passages: Sequence[str] = ()) -> GuardRequest:
+        """A checked request: text (one user message) or a list of ``{role, content}`` messages.
+
+        Raises:
+            InputError: a wrong type, no user text, or text that is not valid Unicode (one-line reason).
+        """
         if isinstance(prompt, GuardRequest):
-            return prompt
+            return prompt.check()
         if isinstance(prompt, str):
             messages: tuple[Message, ...] = ({"role": "user", "content": prompt},)
         elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
@@ -77,7 +114,17 @@ class GuardRequest:
         for p in passages:
             if not isinstance(p, str):
                 raise InputError(f"retrieved passages must be text, got {type(p).__name__}")
-        return cls(messages, tuple(passages))
+        return cls(messages, tuple(passages)).check()
+
+    def check(self) -> GuardRequest:
+        """This request, if it can be served: it has user text, and all its text is valid Unicode."""
+        self.question  # noqa: B018 - raises InputError for a request with no user text
+        for m in self.messages:
+            if isinstance(m.get("content"), str):
+                _check_text(m["content"], f"the {m.get('role', 'unnamed')} message")
+        for p in self.passages:
+            _check_text(p, "a retrieved passage")
+        return self
 
     @property
     def question(self) -> str:
@@ -92,7 +139,7 @@ class GuardRequest:
 
 @dataclass
 class GuardResult:
-    """The answer and the decision behind it."""
+    """The reply and the decision behind it."""
 
     text: str
     decision: Decision
@@ -104,15 +151,77 @@ class GuardResult:
         inp, out = (g.prompt_tokens, len(g.token_ids)) if g else (0, 0)
         return {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
 
+    @property
+    def finish_reason(self) -> str:
+        return self.generation.finish_reason if self.generation else "stop"
+
 
 @dataclass(frozen=True)
-class _Routed:
+class Answer:
+    """A decided request and what it takes to produce its reply.
+
+    ``prompt`` and ``corruption`` are None when the route is ``blocked``; ``corruption`` is None on
+    the ``fallback`` route. ``messages`` is the chat the model sees (RAG passages rendered into the
+    last user message), for a face that answers unflagged prompts with a model of its own.
+
+    Example:
+        >>> answer = guard.plan("What is the capital of France?")   # doctest: +SKIP
+        >>> answer.route                                             # doctest: +SKIP
+        'fallback'
+        >>> "".join(e.text for e in answer.stream())                # doctest: +SKIP
+        'The capital of France is Paris.'
+    """
+
     decision: Decision
+    messages: tuple[Message, ...]
     prompt: PreparedPrompt | None
-    plan: CorruptionPlan | None
+    corruption: CorruptionPlan | None
+    params: GenerationParams
+    backend: Backend = field(repr=False, compare=False)
+
+    @property
+    def route(self) -> Route:
+        return self.decision.route
+
+    def generate(self) -> GuardResult:
+        """The whole reply."""
+        if self.prompt is None:
+            return GuardResult(BLOCKED_REPLY, self.decision)
+        gen = self.backend.generate([self.prompt], [self.corruption], self.params)[0]
+        return GuardResult(gen.text, self.decision, gen)
+
+    async def agenerate(self) -> GuardResult:
+        """Async twin of :meth:`generate`."""
+        if self.prompt is None:
+            return GuardResult(BLOCKED_REPLY, self.decision)
+        gen = (await self.backend.agenerate([self.prompt], [self.corruption], self.params))[0]
+        return GuardResult(gen.text, self.decision, gen)
+
+    def stream(self) -> Iterator[StreamEvent]:
+        """The reply as it is decoded; the last event carries ``finish_reason``."""
+        if self.prompt is None:
+            yield StreamEvent(BLOCKED_REPLY, [], "stop")
+            return
+        yield from self.backend.stream(self.prompt, self.corruption, self.params)
+
+    async def astream(self) -> AsyncIterator[StreamEvent]:
+        """Async twin of :meth:`stream`."""
+        if self.prompt is None:
+            yield StreamEvent(BLOCKED_REPLY, [], "stop")
+            return
+        async for event in self.backend.astream(self.prompt, self.corruption, self.params):
+            yield event
+
+    def corrupted_pieces(self) -> list[str]:
+        """The text of each corrupted prompt token, in order (what the corruption hides)."""
+        if self.prompt is None or self.corruption is None:
+            return []
+        return [self.backend.decode([t]) for t, m in zip(self.prompt.input_ids, self.corruption.mask) if m]
 
 
-def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> LocalBackend:
+def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> Backend:
+    from eco_guard.backends.local import LocalBackend
+
     m = cfg.model
     return LocalBackend.from_pretrained(
         model, dtype=m.dtype, system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens
@@ -120,9 +229,10 @@ def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> LocalBacke
 
 
 class Guard:
-    """Classify → route → generate. Holds no per-request state, so one guard serves many threads."""
+    """Check → classify → route → (corrupted or plain) generation. Holds no per-request state,
+    so one guard serves many threads."""
 
-    def __init__(self, config: GuardConfig, backend: LocalBackend, classifier: PromptClassifier | None):
+    def __init__(self, config: GuardConfig, backend: Backend, classifier: PromptClassifier | None):
         self.config = config
         self.backend = backend
         self.classifier = classifier
@@ -138,7 +248,7 @@ class Guard:
         cls,
         config: str | os.PathLike[str] | GuardConfig | None = None,
         *,
-        backend: LocalBackend | None = None,
+        backend: Backend | None = None,
         classifier: PromptClassifier | None = None,
         train_if_missing: bool = True,
         progress: bool = True,
@@ -147,6 +257,8 @@ class Guard:
 
         The classifier is loaded from ``classifier.path``, or trained there first when missing.
         """
+        from eco_guard.classifier import PromptClassifier
+
         cfg = config if isinstance(config, GuardConfig) else load_config(config)
         backend = backend or _load_backend(cfg, cfg.model.path)
         if classifier is None:
@@ -157,6 +269,10 @@ class Guard:
         """The same config and classifier answering with another local model (``default``, a ``.gguf``
         file or an HF folder); the classifier is shared and loaded weights are reused across calls."""
         return type(self)(self.config, _load_backend(self.config, model), self.classifier)
+
+    @property
+    def model_name(self) -> str:
+        return self.backend.name
 
     # ------------------------------------------------------------ deciding
 
@@ -181,33 +297,30 @@ class Guard:
             raise InputError(f"max_new_tokens must be a positive integer, got {values['max_new_tokens']!r}")
         return GenerationParams(**values)
 
-    def classify(self, texts: Sequence[str]) -> list[Classification] | str:
-        """Score texts; on failure return the reason (routing then follows ``on_classifier_error``)."""
-        if self.classifier is None:
-            return "no classifier is loaded"
-        try:
-            return self.classifier.classify(list(texts))
-        except EcoGuardError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - any scoring failure must route by policy, not crash
-            return f"{type(exc).__name__}: {exc}"
+    def plan(self, request: str | Sequence[Message] | GuardRequest, **params: Any) -> Answer:
+        """Decide one request: check it, classify it, and say how its reply is to be produced.
 
-    def route(self, request: GuardRequest) -> _Routed:
-        """Decide one request and, when it is to be corrupted, which tokens and how."""
-        question = request.question
-        verdicts = self.classify([question, *request.passages])
+        Bad input fails first and cheaply (type, invalid Unicode, empty, too long), before any
+        model runs.
+
+        Raises:
+            InputError: the request cannot be served (one-line reason).
+        """
+        settings = self.params(**params)
+        request = GuardRequest.of(request)
+        prompt = self.backend.prepare(self.render(request))  # the length check, before the classifier
+        verdicts = self._classify([request.question, *request.passages])
         if isinstance(verdicts, str):
-            return self._on_error(request, verdicts)
+            return self._on_error(request, prompt, settings, verdicts)
         head, passage_verdicts = verdicts[0], verdicts[1:]
         flagged_passages = [p for p, v in zip(request.passages, passage_verdicts) if v.flagged]
         if self.config.rag == "drop" and flagged_passages:
             kept = tuple(p for p, v in zip(request.passages, passage_verdicts) if not v.flagged)
             request = replace(request, passages=kept)
+            prompt = self.backend.prepare(self.render(request))
             corrupt_passages: list[str] = []
         else:
             corrupt_passages = flagged_passages
-        prompt = self.backend.prepare(self.render(request))
-        flagged_topics = [v for v in (head, *passage_verdicts) if v.flagged]
         common = {
             "scores": dict(head.scores),
             "terms": dict(head.terms),
@@ -216,36 +329,40 @@ class Guard:
             "passages_flagged": len(flagged_passages),
             "passages_dropped": len(flagged_passages) if self.config.rag == "drop" else 0,
         }
+        messages = tuple(self.render(request))
         if not head.flagged and not corrupt_passages:
-            return _Routed(Decision(False, None, head.score, "fallback", **common), prompt, None)
-        lead = head if head.flagged else max(flagged_topics, key=lambda v: v.score)
+            return self._answer(Decision(False, None, head.score, "fallback", **common), messages, prompt, None, settings)
+        lead = head if head.flagged else max((v for v in passage_verdicts if v.flagged), key=lambda v: v.score)
         topic = self.config.topic(lead.topic) if lead.topic else self.config.topics[0]
         spans = (list(prompt.user_spans) if head.flagged else []) + find_spans(prompt.text, corrupt_passages)
-        plan = self._plan(prompt, topic, spans)
+        plan = self._corruption(prompt, topic, spans)
         decision = Decision(True, topic.name, lead.score, "corrupted", plan.n_tokens, **common)
-        return _Routed(decision, prompt, plan)
+        return self._answer(decision, messages, prompt, plan, settings)
 
-    def _on_error(self, request: GuardRequest, reason: str) -> _Routed:
-        policy = self.config.on_classifier_error
-        if policy == "block":
-            return _Routed(Decision(True, None, 1.0, "blocked", error=reason), None, None)
-        prompt = self.backend.prepare(self.render(request))
-        if policy == "pass":
-            return _Routed(Decision(False, None, 0.0, "fallback", error=reason), prompt, None)
-        # Fail closed: corrupt with the first topic's corruption; better a wrong answer than a leak.
-        topic = self.config.topics[0]
-        plan = self._plan(prompt, topic, list(prompt.user_spans))
-        return _Routed(Decision(True, topic.name, 1.0, "corrupted", plan.n_tokens, error=reason), prompt, plan)
+    def unguarded(self, request: str | Sequence[Message] | GuardRequest, **params: Any) -> Answer:
+        """The request as the same model answers it with no classifier and no corruption: the baseline
+        that demos and evaluations compare the guard against (never a serving path)."""
+        settings = self.params(**params)
+        request = GuardRequest.of(request)
+        messages = tuple(self.render(request))
+        prompt = self.backend.prepare(messages)
+        return self._answer(Decision(False, None, 0.0, "fallback"), messages, prompt, None, settings)
 
-    def _plan(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
-        mask = select_mask(prompt.text, prompt.offsets, spans, topic.selection)
-        if not any(mask):
-            # A flagged prompt must never go out uncorrupted: no keyword in it (an indirect
-            # reference) -> corrupt the whole span; span not found -> every non-special token.
-            mask = token_mask(prompt.offsets, spans or [(0, len(prompt.text))])
-            special = set(self.backend.tokenizer.all_special_ids)
-            mask = [m and t not in special for m, t in zip(mask, prompt.input_ids)]
-        return CorruptionPlan(topic.corruption, tuple(mask), prompt.text)
+    async def aplan(self, request: str | Sequence[Message] | GuardRequest, **params: Any) -> Answer:
+        """Async twin of :meth:`plan` (classification runs in a worker thread)."""
+        return await asyncio.to_thread(self.plan, request, **params)
+
+    def screen(self, texts: Sequence[str]) -> list[Verdict]:
+        """Judge texts one by one (retrieved passages), following ``on_classifier_error`` on failure."""
+        for text in texts:
+            if not isinstance(text, str):
+                raise InputError(f"texts to screen must be strings, got {type(text).__name__}")
+            _check_text(text, "a text to screen")
+        verdicts = self._classify(list(texts))
+        if isinstance(verdicts, str):
+            flagged = self.config.on_classifier_error != "pass"
+            return [Verdict(flagged, None, 1.0 if flagged else 0.0, verdicts) for _ in texts]
+        return [Verdict(v.flagged, v.topic, v.score) for v in verdicts]
 
     def render(self, request: GuardRequest) -> list[Message]:
         """The chat the model sees: for RAG, the passages go into the last user message."""
@@ -255,7 +372,48 @@ class Guard:
             messages[-1] = {**messages[-1], "content": _RAG_TEMPLATE.format(context=context, question=request.question)}
         return messages
 
-    # ------------------------------------------------------------ answering
+    def _classify(self, texts: Sequence[str]) -> list[Classification] | str:
+        """Scores, or the reason they could not be had (routing then follows ``on_classifier_error``)."""
+        if not texts:
+            return []
+        if self.classifier is None:
+            return "no classifier is loaded"
+        try:
+            return self.classifier.classify(list(texts))
+        except EcoGuardError as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - any scoring failure must route by policy, not crash
+            return f"{type(exc).__name__}: {exc}"
+
+    def _on_error(self, request: GuardRequest, prompt: PreparedPrompt, settings: GenerationParams,
+                  reason: str) -> Answer:
+        policy = self.config.on_classifier_error
+        messages = tuple(self.render(request))
+        if policy == "block":
+            return self._answer(Decision(True, None, 1.0, "blocked", error=reason), (), None, None, settings)
+        if policy == "pass":
+            return self._answer(Decision(False, None, 0.0, "fallback", error=reason), messages, prompt, None, settings)
+        # Fail closed: corrupt with the first topic's corruption; better a wrong answer than a leak.
+        topic = self.config.topics[0]
+        plan = self._corruption(prompt, topic, list(prompt.user_spans))
+        decision = Decision(True, topic.name, 1.0, "corrupted", plan.n_tokens, error=reason)
+        return self._answer(decision, messages, prompt, plan, settings)
+
+    def _corruption(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
+        mask = select_mask(prompt.text, prompt.offsets, spans, topic.selection)
+        if not any(mask):
+            # A flagged prompt must never go out uncorrupted: no keyword in it (an indirect
+            # reference) -> corrupt the whole span; span not found -> every non-special token.
+            mask = token_mask(prompt.offsets, spans or [(0, len(prompt.text))])
+            special = self.backend.special_token_ids
+            mask = [m and t not in special for m, t in zip(mask, prompt.input_ids)]
+        return CorruptionPlan(topic.corruption, tuple(mask), prompt.text)
+
+    def _answer(self, decision: Decision, messages: tuple[Message, ...], prompt: PreparedPrompt | None,
+                plan: CorruptionPlan | None, settings: GenerationParams) -> Answer:
+        return Answer(decision, messages, prompt, plan, settings, self.backend)
+
+    # ------------------------------------------------------------ answering (plan, then generate)
 
     def invoke(self, prompt: str | Sequence[Message] | GuardRequest, **params: Any) -> GuardResult:
         """Answer one prompt (text or chat messages).
@@ -264,17 +422,11 @@ class Guard:
             >>> guard.invoke("What is the capital of France?").decision.route  # doctest: +SKIP
             'fallback'
         """
-        routed = self.route(GuardRequest.of(prompt))
-        if routed.prompt is None:
-            return GuardResult(BLOCKED_REPLY, routed.decision)
-        gen = self.backend.generate([routed.prompt], [routed.plan], self.params(**params))[0]
-        return GuardResult(gen.text, routed.decision, gen)
+        return self.plan(prompt, **params).generate()
 
     async def ainvoke(self, prompt: str | Sequence[Message] | GuardRequest, **params: Any) -> GuardResult:
         """Async twin of :meth:`invoke`."""
-        import asyncio
-
-        return await asyncio.to_thread(self.invoke, prompt, **params)
+        return await (await self.aplan(prompt, **params)).agenerate()
 
     def batch(self, prompts: Sequence[str | Sequence[Message] | GuardRequest], *, max_workers: int | None = None,
               **params: Any) -> list[GuardResult]:
@@ -284,23 +436,3 @@ class Guard:
         workers = max_workers or min(4, len(prompts))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda p: self.invoke(p, **params), prompts))
-
-    def stream(self, prompt: str | Sequence[Message] | GuardRequest, **params: Any) -> Iterator[tuple[Decision, StreamEvent]]:
-        """Yield ``(decision, event)`` pairs as text is decoded; the decision is known before the first token."""
-        routed = self.route(GuardRequest.of(prompt))
-        if routed.prompt is None:
-            yield routed.decision, StreamEvent(BLOCKED_REPLY, [], "stop")
-            return
-        for event in self.backend.stream(routed.prompt, routed.plan, self.params(**params)):
-            yield routed.decision, event
-
-    async def astream(self, prompt: str | Sequence[Message] | GuardRequest, **params: Any) -> AsyncIterator[tuple[Decision, StreamEvent]]:
-        """Async twin of :meth:`stream`."""
-        import asyncio
-
-        routed = await asyncio.to_thread(self.route, GuardRequest.of(prompt))
-        if routed.prompt is None:
-            yield routed.decision, StreamEvent(BLOCKED_REPLY, [], "stop")
-            return
-        async for event in self.backend.astream(routed.prompt, routed.plan, self.params(**params)):
-            yield routed.decision, event

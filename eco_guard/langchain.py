@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from langchain_core.callbacks import (
-    AsyncCallbackManagerForLLMRun,
     CallbackManagerForLLMRun,
     adispatch_custom_event,
     dispatch_custom_event,
@@ -46,9 +45,10 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from eco_guard.backends.base import StreamEvent
 from eco_guard.config import default_config_path
-from eco_guard.guard import BLOCKED_REPLY, Decision, Guard, GuardRequest, GuardResult
 from eco_guard.errors import InputError
+from eco_guard.guard import Answer, Decision, Guard, GuardRequest, GuardResult
 
 __all__ = ["DECISION_EVENT", "ECOChatModel", "ECODocumentFilter", "ECOGuard", "to_request"]
 
@@ -135,8 +135,9 @@ def to_request(value: Any, *, input_key: str = "question", context_key: str = "c
     raise InputError(f"unsupported input type {type(value).__name__}: pass a str, PromptValue, messages or a dict")
 
 
-def _as_langchain_messages(request: GuardRequest, guard: Guard) -> list[BaseMessage]:
-    return convert_to_messages([(m["role"], m["content"]) for m in guard.render(request)])
+def _as_langchain_messages(answer: Answer) -> list[BaseMessage]:
+    """The chat the guard would have answered, for a face's own fallback model."""
+    return convert_to_messages([(m["role"], m["content"]) for m in answer.messages])
 
 
 def _metadata(decision: Decision, model_name: str, finish_reason: str | None) -> dict[str, Any]:
@@ -213,13 +214,14 @@ class ECOGuard(Runnable[Any, AIMessage]):
 
     @property
     def model_name(self) -> str:
-        return self.guard.backend.name
+        return self.guard.model_name
 
-    def _request(self, value: Any) -> GuardRequest:
-        return to_request(value, input_key=self.input_key, context_key=self.context_key)
+    def _plan(self, value: Any, kwargs: dict[str, Any]) -> Answer:
+        request = to_request(value, input_key=self.input_key, context_key=self.context_key)
+        return self.guard.plan(request, **{**self.generation, **kwargs})
 
-    def _params(self, kwargs: dict[str, Any]) -> Any:
-        return self.guard.params(**{**self.generation, **kwargs})
+    def _own_fallback(self, answer: Answer) -> bool:
+        return answer.route == "fallback" and self.fallback is not None
 
     # -- invoke
 
@@ -227,33 +229,24 @@ class ECOGuard(Runnable[Any, AIMessage]):
         return self._call_with_config(self._invoke, input, config, run_type="llm", **kwargs)
 
     def _invoke(self, value: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> AIMessage:
-        request = self._request(value)
-        routed = self.guard.route(request)
-        dispatch_custom_event(DECISION_EVENT, routed.decision.to_dict(), config=config)
-        if routed.prompt is None:
-            return _message(GuardResult(BLOCKED_REPLY, routed.decision), self.model_name)
-        if routed.plan is None and self.fallback is not None:
-            answer = self.fallback.invoke(_as_langchain_messages(request, self.guard), config)
-            return _with_decision(answer, routed.decision)
-        gen = self.guard.backend.generate([routed.prompt], [routed.plan], self._params(kwargs))[0]
-        return _message(GuardResult(gen.text, routed.decision, gen), self.model_name)
+        answer = self._plan(value, kwargs)
+        dispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
+        if self._own_fallback(answer):
+            return _with_decision(self.fallback.invoke(_as_langchain_messages(answer), config), answer.decision)
+        return _message(answer.generate(), self.model_name)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
         return await self._acall_with_config(self._ainvoke, input, config, run_type="llm", **kwargs)
 
+    # Native async, not derived: the fallback is often a remote chat model whose ainvoke needs no thread.
     async def _ainvoke(self, value: Any, run_manager: Any, config: RunnableConfig, **kwargs: Any) -> AIMessage:
-        request = self._request(value)
-        routed = await asyncio.to_thread(self.guard.route, request)
-        await adispatch_custom_event(DECISION_EVENT, routed.decision.to_dict(), config=config)
-        if routed.prompt is None:
-            return _message(GuardResult(BLOCKED_REPLY, routed.decision), self.model_name)
-        if routed.plan is None and self.fallback is not None:
-            answer = await self.fallback.ainvoke(_as_langchain_messages(request, self.guard), config)
-            return _with_decision(answer, routed.decision)
-        gen = (await self.guard.backend.agenerate([routed.prompt], [routed.plan], self._params(kwargs)))[0]
-        return _message(GuardResult(gen.text, routed.decision, gen), self.model_name)
+        answer = await asyncio.to_thread(self._plan, value, kwargs)
+        await adispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
+        if self._own_fallback(answer):
+            return _with_decision(await self.fallback.ainvoke(_as_langchain_messages(answer), config), answer.decision)
+        return _message(await answer.agenerate(), self.model_name)
 
-    # -- streaming
+    # -- streaming: the decision is the first chunk, made before any token
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
         yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="llm", **kwargs)
@@ -262,22 +255,16 @@ class ECOGuard(Runnable[Any, AIMessage]):
         yield from self._transform_stream_with_config(input, self._stream, config, run_type="llm", **kwargs)
 
     def _stream(self, inputs: Iterator[Any], run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Iterator[AIMessageChunk]:
-        value = _single(inputs)
-        request = self._request(value)
-        routed = self.guard.route(request)
-        dispatch_custom_event(DECISION_EVENT, routed.decision.to_dict(), config=config)
-        yield AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()})
-        if routed.prompt is None:
-            yield AIMessageChunk(content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"})
-            return
-        if routed.plan is None and self.fallback is not None:
-            for chunk in self.fallback.stream(_as_langchain_messages(request, self.guard), config):
+        answer = self._plan(_single(inputs), kwargs)
+        dispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
+        yield _decision_chunk(answer)
+        if self._own_fallback(answer):
+            for chunk in self.fallback.stream(_as_langchain_messages(answer), config):
                 yield _chunk(chunk)
             return
-        produced = 0
-        for event in self.guard.backend.stream(routed.prompt, routed.plan, self._params(kwargs)):
-            produced += len(event.token_ids)
-            yield _event_chunk(event, len(routed.prompt), produced, self.model_name)
+        to_chunk = _Chunker(answer, self.model_name)
+        for event in answer.stream():
+            yield to_chunk(event)
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         async def one() -> AsyncIterator[Any]:
@@ -292,21 +279,16 @@ class ECOGuard(Runnable[Any, AIMessage]):
 
     async def _astream(self, inputs: AsyncIterator[Any], run_manager: Any, config: RunnableConfig, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         values = [v async for v in inputs]
-        request = self._request(_single(iter(values)))
-        routed = await asyncio.to_thread(self.guard.route, request)
-        await adispatch_custom_event(DECISION_EVENT, routed.decision.to_dict(), config=config)
-        yield AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()})
-        if routed.prompt is None:
-            yield AIMessageChunk(content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"})
-            return
-        if routed.plan is None and self.fallback is not None:
-            async for chunk in self.fallback.astream(_as_langchain_messages(request, self.guard), config):
+        answer = await asyncio.to_thread(self._plan, _single(iter(values)), kwargs)
+        await adispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
+        yield _decision_chunk(answer)
+        if self._own_fallback(answer):
+            async for chunk in self.fallback.astream(_as_langchain_messages(answer), config):
                 yield _chunk(chunk)
             return
-        produced = 0
-        async for event in self.guard.backend.astream(routed.prompt, routed.plan, self._params(kwargs)):
-            produced += len(event.token_ids)
-            yield _event_chunk(event, len(routed.prompt), produced, self.model_name)
+        to_chunk = _Chunker(answer, self.model_name)
+        async for event in answer.astream():
+            yield to_chunk(event)
 
 
 def _single(inputs: Iterator[Any]) -> Any:
@@ -326,16 +308,29 @@ def _chunk(chunk: Any) -> AIMessageChunk:
     raise InputError(f"the fallback streamed {type(chunk).__name__}; expected messages or text")
 
 
-def _event_chunk(event: Any, prompt_tokens: int, produced: int, model_name: str) -> AIMessageChunk:
-    if event.finish_reason is None:
-        return AIMessageChunk(content=event.text)
-    # Usage and finish reason go on the last chunk only: chunk metadata is summed when merged.
-    return AIMessageChunk(
-        content=event.text,
-        response_metadata={"finish_reason": event.finish_reason, "model_name": model_name},
-        usage_metadata=_usage(prompt_tokens, produced),
-        chunk_position="last",
-    )
+def _decision_chunk(answer: Answer) -> AIMessageChunk:
+    return AIMessageChunk(content="", response_metadata={"eco_guard": answer.decision.to_dict()})
+
+
+class _Chunker:
+    """Turns one answer's stream events into message chunks, counting the tokens produced."""
+
+    def __init__(self, answer: Answer, model_name: str):
+        self.prompt_tokens = len(answer.prompt) if answer.prompt is not None else 0
+        self.model_name = model_name
+        self.produced = 0
+
+    def __call__(self, event: StreamEvent) -> AIMessageChunk:
+        self.produced += len(event.token_ids)
+        if event.finish_reason is None:
+            return AIMessageChunk(content=event.text)
+        # Usage and finish reason go on the last chunk only: chunk metadata is summed when merged.
+        return AIMessageChunk(
+            content=event.text,
+            response_metadata={"finish_reason": event.finish_reason, "model_name": self.model_name},
+            usage_metadata=_usage(self.prompt_tokens, self.produced),
+            chunk_position="last",
+        )
 
 
 # ---------------------------------------------------------------- ECOChatModel
@@ -397,7 +392,7 @@ class ECOChatModel(BaseChatModel):
     @property
     def model_name(self) -> str:
         if self._guard is not None:
-            return f"eco-guard/{self._guard.backend.name}"
+            return f"eco-guard/{self._guard.model_name}"
         # From the config alone: naming the model must not load it (LangChain reads this eagerly).
         from eco_guard.backends.local import model_display_name
         from eco_guard.config import load_config
@@ -422,7 +417,8 @@ class ECOChatModel(BaseChatModel):
             params["ls_temperature"] = self.temperature
         return params
 
-    def _params(self, stop: list[str] | None, kwargs: dict[str, Any]) -> Any:
+    def _plan(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[Answer, str]:
+        guard, name = self._for_call(kwargs)
         temperature = kwargs.pop("temperature", self.temperature)
         settings = {
             "max_new_tokens": kwargs.pop("max_tokens", kwargs.pop("max_new_tokens", self.max_tokens)),
@@ -432,7 +428,7 @@ class ECOChatModel(BaseChatModel):
             "seed": kwargs.pop("seed", self.seed),
             "stop": stop if stop is not None else self.stop,
         }
-        return self.guard.params(**settings)
+        return guard.plan(GuardRequest.of(_messages_to_dicts(messages)), **settings), name
 
     def _for_call(self, kwargs: dict[str, Any]) -> tuple[Guard, str]:
         """The guard and model name for one call: ``model=`` (a local model path) overrides the config's."""
@@ -445,74 +441,24 @@ class ECOChatModel(BaseChatModel):
                 self._overrides[model] = self.guard.with_model(model)
             return self._overrides[model], f"eco-guard/{model}"
 
-    @staticmethod
-    def _route(guard: Guard, messages: list[BaseMessage]) -> Any:
-        return guard.route(GuardRequest.of(_messages_to_dicts(messages)))
-
-    @staticmethod
-    def _result(guard: Guard, name: str, routed: Any, params: Any) -> ChatResult:
-        if routed.prompt is None:
-            result = GuardResult(BLOCKED_REPLY, routed.decision)
-        else:
-            gen = guard.backend.generate([routed.prompt], [routed.plan], params)[0]
-            result = GuardResult(gen.text, routed.decision, gen)
-        return ChatResult(generations=[ChatGeneration(message=_message(result, name))])
+    # Async (_agenerate, _astream) is langchain-core's: these run in a worker thread, as the local model
+    # would anyway; the decision still comes before the first token.
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        guard, name = self._for_call(kwargs)
-        params = self._params(stop, kwargs)
-        return self._result(guard, name, self._route(guard, messages), params)
-
-    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        guard, name = await asyncio.to_thread(self._for_call, kwargs)
-        params = self._params(stop, kwargs)
-        routed = await asyncio.to_thread(self._route, guard, messages)
-        return await asyncio.to_thread(self._result, guard, name, routed, params)
+        answer, name = self._plan(messages, stop, kwargs)
+        return ChatResult(generations=[ChatGeneration(message=_message(answer.generate(), name))])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        guard, name = self._for_call(kwargs)
-        params = self._params(stop, kwargs)
-        routed = self._route(guard, messages)
-        yield from _opening_chunks(routed)
-        if routed.prompt is None:
-            return
-        produced = 0
-        for event in guard.backend.stream(routed.prompt, routed.plan, params):
-            produced += len(event.token_ids)
-            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
+        answer, name = self._plan(messages, stop, kwargs)
+        yield ChatGenerationChunk(message=_decision_chunk(answer))
+        to_chunk = _Chunker(answer, name)
+        for event in answer.stream():
+            chunk = ChatGenerationChunk(message=to_chunk(event))
             if run_manager and event.text:
                 run_manager.on_llm_new_token(event.text, chunk=chunk)
             yield chunk
-
-    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                       run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        guard, name = await asyncio.to_thread(self._for_call, kwargs)
-        params = self._params(stop, kwargs)
-        routed = await asyncio.to_thread(self._route, guard, messages)
-        for chunk in _opening_chunks(routed):
-            yield chunk
-        if routed.prompt is None:
-            return
-        produced = 0
-        async for event in guard.backend.astream(routed.prompt, routed.plan, params):
-            produced += len(event.token_ids)
-            chunk = ChatGenerationChunk(message=_event_chunk(event, len(routed.prompt), produced, name))
-            if run_manager and event.text:
-                await run_manager.on_llm_new_token(event.text, chunk=chunk)
-            yield chunk
-
-
-def _opening_chunks(routed: Any) -> list[ChatGenerationChunk]:
-    """The decision first; for a blocked request, the whole (fixed) reply right after it."""
-    chunks = [ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata={"eco_guard": routed.decision.to_dict()}))]
-    if routed.prompt is None:
-        chunks.append(ChatGenerationChunk(message=AIMessageChunk(
-            content=BLOCKED_REPLY, response_metadata={"finish_reason": "stop"}, usage_metadata=_usage(0, 0),
-            chunk_position="last")))
-    return chunks
 
 
 # ---------------------------------------------------------------- ECODocumentFilter
@@ -545,13 +491,7 @@ class ECODocumentFilter(Runnable[list[Document], list[Document]]):
     def _filter(self, docs: list[Document]) -> list[Document]:
         if not isinstance(docs, list) or not all(isinstance(d, Document) for d in docs):
             raise InputError("ECODocumentFilter takes a list of Documents")
-        if not docs:
-            return []
-        verdicts = self.guard.classify([d.page_content for d in docs])
-        if isinstance(verdicts, str):  # cannot score: follow the guard's policy for passages
-            if self.guard.config.on_classifier_error == "pass":
-                return docs
-            return [] if self.mode == "drop" else [self._mark(d, True, None, 1.0) for d in docs]
+        verdicts = self.guard.screen([d.page_content for d in docs])
         if self.mode == "drop":
             return [d for d, v in zip(docs, verdicts) if not v.flagged]
         return [self._mark(d, v.flagged, v.topic, v.score) for d, v in zip(docs, verdicts)]

@@ -16,14 +16,8 @@ import pytest
 import torch
 
 from eco_guard.backends import local
-from eco_guard.backends.local import (
-    CorruptionPlan,
-    GenerationParams,
-    LocalBackend,
-    PreparedPrompt,
-    default_gguf_path,
-    resolve_model_dir,
-)
+from eco_guard.backends.base import CorruptionPlan, GenerationParams, PreparedPrompt
+from eco_guard.backends.local import LocalBackend, default_gguf_path, resolve_model_dir
 from eco_guard.config import default_cache_dir
 from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError, InputError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from eco_guard.backends.local import GenerationParams
+from eco_guard.backends.base import Backend, Generation, GenerationParams, PreparedPrompt, StreamEvent
 from eco_guard.classifier import Classification
 from eco_guard.config import parse_config
 from eco_guard.errors import EcoGuardError, InputError
@@ -51,13 +51,13 @@ def make_guard(backend, *, classifier=None, policy="flag", rag="corrupt", select
 
 def test_flagged_prompt_is_corrupted_on_its_content_tokens(tiny_backend):
     guard = make_guard(tiny_backend)
-    routed = guard.route(GuardRequest.of("Tell me about the wizard school"))
-    assert routed.decision.flagged and routed.decision.topic == "wizards"
-    assert routed.decision.route == "corrupted"
-    content = token_mask(routed.prompt.offsets, routed.prompt.user_spans)
-    assert list(routed.plan.mask) == content
-    assert routed.decision.corrupted_tokens == sum(content) > 0
-    assert routed.plan.spec == guard.config.topic("wizards").corruption
+    answer = guard.plan("Tell me about the wizard school")
+    assert answer.decision.flagged and answer.decision.topic == "wizards"
+    assert answer.decision.route == "corrupted"
+    content = token_mask(answer.prompt.offsets, answer.prompt.user_spans)
+    assert list(answer.corruption.mask) == content
+    assert answer.decision.corrupted_tokens == sum(content) > 0
+    assert answer.corruption.spec == guard.config.topic("wizards").corruption
 
 
 def test_flagged_answer_differs_and_unflagged_equals_plain_generation(tiny_backend):
@@ -72,15 +72,15 @@ def test_flagged_answer_differs_and_unflagged_equals_plain_generation(tiny_backe
 
 def test_topic_specific_corruption_is_used(tiny_backend):
     guard = make_guard(tiny_backend)
-    routed = guard.route(GuardRequest.of("How fast is a rocket?"))
-    assert routed.decision.topic == "space"
-    assert routed.plan.spec.method == "zero_out_first_n"
+    answer = guard.plan("How fast is a rocket?")
+    assert answer.decision.topic == "space"
+    assert answer.corruption.spec.method == "zero_out_first_n"
 
 
 def test_keyword_selection_corrupts_only_the_keyword(tiny_backend):
     guard = make_guard(tiny_backend, selection="{mode: keywords, keywords: [Hogwarts]}")
-    routed = guard.route(GuardRequest.of("Where is HOGWARTS located?"))
-    picked = [tiny_backend.tokenizer.decode([t]) for t, m in zip(routed.prompt.input_ids, routed.plan.mask) if m]
+    answer = guard.plan("Where is HOGWARTS located?")
+    picked = [tiny_backend.tokenizer.decode([t]) for t, m in zip(answer.prompt.input_ids, answer.corruption.mask) if m]
     assert "".join(picked).strip().lower() == "hogwarts"
 
 
@@ -106,23 +106,23 @@ def test_classifier_failure_follows_policy(tiny_backend, policy, route, flagged)
 def test_rag_corrupts_flagged_passages_only(tiny_backend):
     guard = make_guard(tiny_backend)
     passage_ok, passage_bad = "Paris is the capital of France.", "The wizard school has four houses."
-    routed = guard.route(GuardRequest.of("Tell me something.", [passage_ok, passage_bad]))
-    assert routed.decision.route == "corrupted" and routed.decision.passages_flagged == 1
-    text = routed.prompt.text
+    answer = guard.plan(GuardRequest.of("Tell me something.", [passage_ok, passage_bad]))
+    assert answer.decision.route == "corrupted" and answer.decision.passages_flagged == 1
+    text = answer.prompt.text
     bad_at = text.index(passage_bad)
-    picked = {i for i, (s, e) in enumerate(routed.prompt.offsets) if routed.plan.mask[i]}
+    picked = {i for i, (s, e) in enumerate(answer.prompt.offsets) if answer.corruption.mask[i]}
     assert picked, "the flagged passage should be corrupted"
     for i in picked:  # every corrupted token lies inside the flagged passage
-        s, e = routed.prompt.offsets[i]
+        s, e = answer.prompt.offsets[i]
         assert bad_at <= s and e <= bad_at + len(passage_bad) + 1
 
 
 def test_rag_drop_removes_flagged_passages(tiny_backend):
     guard = make_guard(tiny_backend, rag="drop")
-    routed = guard.route(GuardRequest.of("Tell me something.", ["Paris is in France.", "A wizard lives here."]))
-    assert routed.decision.route == "fallback"
-    assert routed.decision.passages_dropped == 1
-    assert "wizard" not in routed.prompt.text and "Paris is in France." in routed.prompt.text
+    answer = guard.plan(GuardRequest.of("Tell me something.", ["Paris is in France.", "A wizard lives here."]))
+    assert answer.decision.route == "fallback"
+    assert answer.decision.passages_dropped == 1
+    assert "wizard" not in answer.prompt.text and "Paris is in France." in answer.prompt.text
 
 
 def test_batch_equals_sequential(tiny_backend):
@@ -189,9 +189,9 @@ def test_real_guard_routes_demo_prompts(demo_guard):
 
 def test_flagged_prompt_without_the_keyword_is_still_corrupted(tiny_backend):
     guard = make_guard(tiny_backend, selection="{mode: keywords, keywords: [Hogwarts]}")
-    routed = guard.route(GuardRequest.of("Which wizard founded the school?"))  # flagged, but no keyword
-    assert routed.decision.flagged
-    assert list(routed.plan.mask) == token_mask(routed.prompt.offsets, routed.prompt.user_spans)
+    answer = guard.plan("Which wizard founded the school?")  # flagged, but no keyword
+    assert answer.decision.flagged
+    assert list(answer.corruption.mask) == token_mask(answer.prompt.offsets, answer.prompt.user_spans)
 
 
 @pytest.mark.integration
@@ -208,6 +208,135 @@ def test_real_demo_classifier_uses_terms_typos_and_contrast(demo_guard):
     verdicts = clf.classify(prompts)
     assert [v.flagged for v in verdicts] == [True, True, False, False, False]
     assert [v.terms for v in verdicts] == matched
-    decision = demo_guard.route(GuardRequest.of(prompts[0])).decision
+    decision = demo_guard.plan(prompts[0]).decision
     assert decision.route == "corrupted" and decision.terms == {"harry_potter": "dumbeldore"}
     assert decision.to_dict()["terms"] == {"harry_potter": "dumbeldore"}  # what response_metadata carries
+
+
+# ---------------------------------------------------------------- the one answering path
+
+class CountingClassifier(KeywordClassifier):
+    """Records how many texts it was asked to score."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def classify(self, texts):
+        self.calls += 1
+        return super().classify(texts)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [("word " * 200_000, "bytes long"),                 # 1 MB: refused before tokenising
+     ("Who is \ud800 Harry?", "unpaired surrogate"),
+     ([{"role": "system", "content": "be \udfff brief"}, {"role": "user", "content": "hi"}], "unpaired surrogate")],
+)
+def test_bad_input_is_refused_before_any_model_runs(tiny_backend, prompt, reason):
+    import time
+
+    clf = CountingClassifier()
+    guard = make_guard(tiny_backend, classifier=clf)
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=reason) as err:
+        guard.plan(prompt)
+    assert time.perf_counter() - started < 0.5 and clf.calls == 0
+    assert "\n" not in str(err.value)
+
+
+def test_passages_with_invalid_unicode_are_refused(tiny_backend):
+    guard = make_guard(tiny_backend)
+    with pytest.raises(InputError, match="retrieved passage contains an unpaired surrogate"):
+        guard.plan(GuardRequest.of("Tell me something.", ["ok", "bad \ud83d here"]))
+    with pytest.raises(InputError, match="unpaired surrogate"):
+        guard.screen(["bad \ud83d here"])
+
+
+def test_answer_stream_and_generate_agree_on_every_route(tiny_backend):
+    guards = {"corrupted": make_guard(tiny_backend), "fallback": make_guard(tiny_backend),
+              "blocked": make_guard(tiny_backend, classifier=BrokenClassifier(), policy="block")}
+    prompts = {"corrupted": "A wizard walks into a bar", "fallback": "Bake bread", "blocked": "Bake bread"}
+    for route, guard in guards.items():
+        answer = guard.plan(prompts[route], max_new_tokens=5)
+        assert answer.route == route
+        events = list(answer.stream())
+        assert "".join(e.text for e in events) == answer.generate().text
+        assert events[-1].finish_reason in ("stop", "length")
+    blocked = guards["blocked"].plan("Bake bread")
+    assert blocked.prompt is None and blocked.corruption is None and blocked.generate().text == BLOCKED_REPLY
+
+
+async def test_async_twins_equal_the_sync_answer(tiny_backend):
+    guard = make_guard(tiny_backend)
+    answer = await guard.aplan("A wizard walks into a bar", max_new_tokens=5)
+    assert answer.decision == guard.plan("A wizard walks into a bar").decision
+    text = "".join([e.text async for e in answer.astream()])
+    assert text == (await answer.agenerate()).text == answer.generate().text
+    assert (await guard.ainvoke("Bake bread", max_new_tokens=5)).text == guard.invoke("Bake bread", max_new_tokens=5).text
+
+
+def test_unguarded_answer_skips_classifier_and_corruption(tiny_backend):
+    clf = CountingClassifier()
+    guard = make_guard(tiny_backend, classifier=clf)
+    plain = guard.unguarded("A wizard walks into a bar", max_new_tokens=5)
+    assert clf.calls == 0 and plain.route == "fallback" and plain.corruption is None
+    guarded = guard.plan("A wizard walks into a bar", max_new_tokens=5)
+    assert guarded.prompt == plain.prompt and guarded.route == "corrupted"
+    assert guarded.corrupted_pieces() and plain.corrupted_pieces() == []
+    assert "".join(guarded.corrupted_pieces()).strip() == "A wizard walks into a bar"
+
+
+@pytest.mark.parametrize(("policy", "flagged"), [("flag", True), ("block", True), ("pass", False)])
+def test_screen_follows_the_error_policy(tiny_backend, policy, flagged):
+    verdicts = make_guard(tiny_backend, classifier=BrokenClassifier(), policy=policy).screen(["a", "b"])
+    assert [v.flagged for v in verdicts] == [flagged, flagged]
+    assert all("encoder exploded" in v.error for v in verdicts)
+    ok = make_guard(tiny_backend).screen(["the wizard school", "bread"])
+    assert [(v.flagged, v.topic) for v in ok] == [(True, "wizards"), (False, None)]
+
+
+class ScriptedBackend(Backend):
+    """A backend with no model at all: the engine must need nothing beyond the interface."""
+
+    name, max_input_tokens = "scripted", 64
+
+    def __init__(self):
+        self.plans = []
+
+    hidden_size = property(lambda self: 8)
+    special_token_ids = property(lambda self: frozenset({0}))
+
+    def prepare(self, messages):
+        text = "<s>" + "".join(m["content"] for m in messages)
+        offsets = ((0, 3),) + tuple((i, i + 1) for i in range(3, len(text)))
+        ids = (0,) + tuple(ord(c) for c in text[3:])
+        if len(ids) > self.max_input_tokens:
+            raise InputError(f"the prompt is {len(ids)} tokens long")
+        return PreparedPrompt(text, ids, offsets, ((3, len(text)),))
+
+    def embed(self, prompts):
+        raise NotImplementedError
+
+    def decode(self, token_ids):
+        return "".join(chr(t) for t in token_ids if t)
+
+    def generate(self, prompts, plans=None, params=None):
+        self.plans.extend(plans or [None] * len(prompts))
+        return [Generation(p.text[::-1], [1, 2], len(p), "stop", 0) for p in prompts]
+
+    def stream(self, prompt, plan=None, params=None):
+        text = self.generate([prompt], [plan], params)[0].text
+        yield StreamEvent(text[:2], [1])
+        yield StreamEvent(text[2:], [2], "stop")
+
+
+async def test_any_backend_implementing_the_interface_slots_in():
+    backend = ScriptedBackend()
+    guard = make_guard(backend)
+    flagged = guard.invoke("wizard")
+    assert flagged.decision.route == "corrupted" and flagged.text == "draziw>s<"
+    assert backend.plans[-1].n_tokens == len("wizard") and backend.plans[-1].mask[0] is False
+    assert guard.invoke("bread").decision.route == "fallback" and backend.plans[-1] is None
+    answer = guard.plan("wizard")
+    assert [e.text async for e in answer.astream()] == ["dr", "aziw>s<"]  # derived async twin
+    assert (await answer.agenerate()).text == "draziw>s<"

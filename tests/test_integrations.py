@@ -109,14 +109,14 @@ def test_rag_drop_mode_leaves_flagged_passages_out_of_the_prompt(rag, guard, ret
     from eco_guard.langchain import to_request
 
     context = retriever.invoke(FORGET_QUESTION)
-    routed = rag.with_rag_mode(guard, "drop").route(to_request({"question": FORGET_QUESTION, "context": context}))
-    verdicts = guard.classify([d.page_content for d in context])
+    routed = rag.with_rag_mode(guard, "drop").plan(to_request({"question": FORGET_QUESTION, "context": context}))
+    verdicts = guard.screen([d.page_content for d in context])
     flagged = [d.page_content for d, v in zip(context, verdicts) if v.flagged]
     assert flagged and routed.decision.passages_dropped == len(flagged)
     assert routed.decision.route == "corrupted"
     assert not any(p in routed.prompt.text for p in flagged)
     assert all(d.page_content in routed.prompt.text for d, v in zip(context, verdicts) if not v.flagged)
-    # no passage holding the answer survives (topic terms catch what the encoder scored low in session 1)
+    # no passage holding the answer survives (topic terms catch what the encoder alone scores low)
     assert not any(GOLD in d.page_content.lower() for d, v in zip(context, verdicts) if not v.flagged)
 
 
@@ -125,7 +125,7 @@ def test_rag_off_topic_question_matches_the_unguarded_chain(rag, guard, retrieve
     from eco_guard.langchain import to_request
 
     context = retriever.invoke(OFF_TOPIC_QUESTION)
-    routed = guard.route(to_request({"question": OFF_TOPIC_QUESTION, "context": context}))
+    routed = guard.plan(to_request({"question": OFF_TOPIC_QUESTION, "context": context}))
     assert routed.decision.route == "fallback" and routed.decision.passages_flagged == 0
 
     n = MAX_NEW_TOKENS // 2  # equality is token for token: a shorter reply proves it as well
@@ -140,13 +140,13 @@ def test_rag_off_topic_question_matches_the_unguarded_chain(rag, guard, retrieve
 @pytest.mark.integration
 def test_pii_is_redacted_before_the_guard_sees_the_prompt(guardrails, guard, monkeypatch):
     seen: list[str] = []
-    route = guard.route
+    plan = guard.plan
 
-    def spy(request):
+    def spy(request, **params):
         seen.append(request.question)
-        return route(request)
+        return plan(request, **params)
 
-    monkeypatch.setattr(guard, "route", spy)
+    monkeypatch.setattr(guard, "plan", spy)
     prompt = ("I am jane.doe@example.com, phone +1 415-555-0132, card 4111 1111 1111 1111. "
               "What is the highest mountain on Earth?")
     answer = guardrails.build_pii_chain(guard, max_new_tokens=8).invoke(prompt)

@@ -132,6 +132,57 @@ def test_system_message_is_kept(runnable):
     assert req.messages[0] == {"role": "system", "content": "Answer in French."}
 
 
+def test_flagged_stream_never_touches_the_fallback(tiny_backend):
+    class Recorder(FakeListChatModel):
+        calls: int = 0
+
+        def _call(self, *args, **kwargs):
+            self.calls += 1
+            return super()._call(*args, **kwargs)
+
+    fallback = Recorder(responses=["LEAK"])
+    guard = ECOGuard(make_guard(tiny_backend), fallback=fallback, max_new_tokens=4)
+    chunks = list(guard.stream(FLAGGED))
+    assert decision(chunks[0])["route"] == "corrupted" and chunks[0].content == ""  # decided before any token
+    assert "LEAK" not in "".join(c.content for c in chunks) and fallback.calls == 0
+
+    async def collect():
+        return [c async for c in guard.astream(FLAGGED)]
+
+    assert "LEAK" not in "".join(c.content for c in asyncio.run(collect())) and fallback.calls == 0
+
+
+def test_blocked_route_streams_the_fixed_reply(tiny_backend):
+    from test_guard import BrokenClassifier
+
+    from eco_guard.guard import BLOCKED_REPLY
+
+    runnable = ECOGuard(make_guard(tiny_backend, classifier=BrokenClassifier(), policy="block"))
+    chunks = list(runnable.stream(PLAIN))
+    assert decision(chunks[0])["route"] == "blocked"
+    assert "".join(c.content for c in chunks) == BLOCKED_REPLY == runnable.invoke(PLAIN).content
+
+
+def test_chat_model_faces_agree_on_the_tiny_guard(tiny_backend):
+    from eco_guard.langchain import ECOChatModel
+
+    llm = ECOChatModel.from_guard(make_guard(tiny_backend), max_tokens=5)
+    invoked = [llm.invoke(p) for p in (FLAGGED, PLAIN)]
+    assert [decision(m)["route"] for m in invoked] == ["corrupted", "fallback"]
+    assert [m.content for m in llm.batch([FLAGGED, PLAIN])] == [m.content for m in invoked]
+    assert [m.content for m in asyncio.run(llm.abatch([FLAGGED, PLAIN]))] == [m.content for m in invoked]
+    assert asyncio.run(llm.ainvoke(FLAGGED)).content == invoked[0].content
+    streamed = list(llm.stream(FLAGGED))
+    assert decision(streamed[0])["route"] == "corrupted" and streamed[0].content == ""
+    merged = sum(streamed[1:], streamed[0])
+    assert merged.content == invoked[0].content and merged.usage_metadata == invoked[0].usage_metadata
+
+    async def collect():
+        return [c async for c in llm.astream(PLAIN)]
+
+    assert "".join(c.content for c in asyncio.run(collect())) == invoked[1].content
+
+
 # ---------------------------------------------------------------- real models
 
 @pytest.fixture(scope="module")
@@ -152,7 +203,7 @@ async def test_real_flagged_prompt_through_ainvoke_and_astream(real_runnable):
 
 @pytest.mark.integration
 def test_real_unflagged_prompt_matches_unguarded_model(real_runnable):
-    from eco_guard.backends.local import GenerationParams
+    from eco_guard.backends.base import GenerationParams
 
     backend = real_runnable.guard.backend
     question = "What is the boiling point of water?"

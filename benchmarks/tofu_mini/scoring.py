@@ -154,18 +154,17 @@ def guard_corruptor(guard: Any, decisions: dict[str, dict] | None = None) -> tof
     flagged ones get the guard's own mask, spec and seed key. Each decision is recorded in
     ``decisions`` (question -> decision dict) when given.
     """
-    from eco_guard.guard import GuardRequest
-
     def corrupt(embeds: torch.Tensor, prompt: tofu.ChatPrompt, item: QAItem) -> torch.Tensor:
-        routed = guard.route(GuardRequest.of(item.question))
+        answer = guard.plan(item.question)
         if decisions is not None:
-            decisions[item.question] = routed.decision.to_dict()
-        if routed.plan is None or not routed.plan.n_tokens:
+            decisions[item.question] = answer.decision.to_dict()
+        plan = answer.corruption
+        if plan is None or not plan.n_tokens:
             return embeds
-        if list(routed.prompt.input_ids) != prompt.ids:
+        if list(answer.prompt.input_ids) != prompt.ids:
             raise ValueError("the guard renders the question differently from the benchmark's chat prompt")
-        mask = torch.tensor([list(routed.plan.mask)])
-        return routed.plan.spec.apply(embeds, mask, keys=[routed.plan.key])
+        mask = torch.tensor([list(plan.mask)])
+        return plan.spec.apply(embeds, mask, keys=[plan.key])
 
     return corrupt
 
@@ -192,9 +191,9 @@ def guard_answer_corruptor(guard: Any, decisions: dict[str, dict]) -> tofu.Answe
 def heldout_routing(guard: Any, rows: Sequence[dict]) -> dict[str, Any]:
     """Share of held-out classifier prompts (``data/prompts.jsonl``, fold ``test``) the
     guard's classifier flags, per split and per split × form; the misrouted texts."""
-    verdicts = guard.classify([r["text"] for r in rows])
-    if isinstance(verdicts, str):
-        raise RuntimeError(f"classifier failed: {verdicts}")
+    verdicts = guard.screen([r["text"] for r in rows])
+    if failed := next((v.error for v in verdicts if v.error), None):
+        raise RuntimeError(f"classifier failed: {failed}")
     groups: dict[str, list[bool]] = {}
     for row, verdict in zip(rows, verdicts):
         for key in (row["split"], f"{row['split']}/{row['form']}"):

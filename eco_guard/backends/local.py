@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import importlib.util
 import inspect
@@ -23,27 +22,26 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from eco_guard.backends.base import (
+    Backend,
+    CorruptionPlan,
+    Generation,
+    GenerationParams,
+    Message,
+    PreparedPrompt,
+    StreamEvent,
+)
 from eco_guard.config import default_cache_dir
-from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError, InputError
 
-__all__ = [
-    "CorruptionPlan",
-    "Generation",
-    "GenerationParams",
-    "LocalBackend",
-    "PreparedPrompt",
-    "StreamEvent",
-    "default_gguf_path",
-    "resolve_model_dir",
-]
+__all__ = ["LocalBackend", "default_gguf_path", "model_display_name", "resolve_model_dir"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,65 +118,15 @@ def model_display_name(path: str | os.PathLike[str]) -> str:
     return "SmolLM2-135M-Instruct" if str(path) == "default" else Path(path).stem
 
 
-# ---------------------------------------------------------------- value types
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Decoding settings for one request."""
-
-    max_new_tokens: int = 128
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # keep decoding past end-of-sequence (benchmarks: always max_new_tokens)
+_TOKEN_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A chat rendered through the template, tokenised with character offsets."""
-
-    text: str
-    input_ids: tuple[int, ...]
-    offsets: tuple[tuple[int, int], ...]
-    user_spans: tuple[tuple[int, int], ...] = ()  # character spans of the last user message's content
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-@dataclass(frozen=True)
-class CorruptionPlan:
-    """Which prompt tokens to corrupt, how, and the key (the prompt) its noise seed derives from."""
-
-    spec: CorruptionSpec
-    mask: tuple[bool, ...]
-    key: str
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(self.mask)
-
-
-@dataclass
-class Generation:
-    """One finished completion."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" | "length"
-    corrupted_tokens: int = 0
-
-
-@dataclass
-class StreamEvent:
-    """A piece of streamed text; the last event carries ``finish_reason``."""
-
-    text: str
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+def _max_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes one token of this vocabulary stands for (0.2 s for 49k tokens: once per tokenizer)."""
+    if tokenizer not in _TOKEN_BYTES:
+        sizes = (len(tokenizer.convert_tokens_to_string([t]).encode("utf-8", "replace")) for t in tokenizer.get_vocab())
+        _TOKEN_BYTES[tokenizer] = max(sizes, default=1) or 1
+    return _TOKEN_BYTES[tokenizer]
 
 
 # ---------------------------------------------------------------- decoding state
@@ -228,7 +176,7 @@ _LOADED: dict[tuple[str, str], tuple[Any, Any]] = {}
 _LOAD_LOCK = threading.Lock()
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """A local causal LM that generates from (optionally corrupted) prompt embeddings.
 
     The model is only read during generation, so one backend serves many threads.
@@ -247,6 +195,7 @@ class LocalBackend:
         self.eos_ids = eos_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
         self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self._max_token_bytes = _max_token_bytes(tokenizer)
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -283,9 +232,16 @@ class LocalBackend:
     def hidden_size(self) -> int:
         return int(self.model.get_input_embeddings().embedding_dim)
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
     # ------------------------------------------------------------ prompts
 
-    def prepare(self, messages: Sequence[dict[str, str]]) -> PreparedPrompt:
+    def prepare(self, messages: Sequence[Message]) -> PreparedPrompt:
         """Render a chat through the template and tokenise it, remembering the user's content."""
         messages = [dict(m) for m in messages]
         if not messages:
@@ -296,6 +252,7 @@ class LocalBackend:
         users = [m for m in messages if m.get("role") == "user"]
         if not users or not users[-1]["content"].strip():
             raise InputError("the prompt is empty: there is no user text to answer")
+        self._refuse_if_surely_too_long(messages)
         if self.system_prompt and messages[0].get("role") != "system":
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -309,6 +266,25 @@ class LocalBackend:
         at = text.rfind(content)
         spans = ((at, at + len(content)),) if at >= 0 else ()
         return PreparedPrompt(text, tuple(ids), tuple(tuple(o) for o in offsets), spans)
+
+    def _refuse_if_surely_too_long(self, messages: Sequence[Message]) -> None:
+        """Refuse a huge prompt without tokenising all of it (1 MB takes ~1 s to tokenise).
+
+        No token covers more bytes than the longest in the vocabulary, so more bytes than
+        ``max_input_tokens`` such tokens hold is too long; and when a prefix of eight characters
+        per allowed token already has too many tokens, so does the whole.
+        """
+        size = sum(len(m["content"].encode("utf-8")) for m in messages)
+        if size > self.max_input_tokens * self._max_token_bytes:
+            raise InputError(f"the prompt is {size} bytes long, more than the {self.max_input_tokens} tokens "
+                             f"this model accepts can hold")
+        budget = self.max_input_tokens * 8
+        text = "".join(m["content"] for m in messages)
+        if len(text) > budget:
+            n = len(self.tokenizer(text[:budget], add_special_tokens=False)["input_ids"])
+            if n > self.max_input_tokens + 1:  # +1: the cut may split one token in two
+                raise InputError(f"the prompt is more than {n - 1} tokens long; this model accepts at most "
+                                 f"{self.max_input_tokens}")
 
     def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt embeddings ``(batch, seq, dim)`` and the attention mask."""
@@ -357,15 +333,6 @@ class LocalBackend:
             for r, p, plan in zip(rows, prompts, plans)
         ]
 
-    async def agenerate(
-        self,
-        prompts: Sequence[PreparedPrompt],
-        plans: Sequence[CorruptionPlan | None] | None = None,
-        params: GenerationParams | None = None,
-    ) -> list[Generation]:
-        """Async twin of :meth:`generate` (the forward passes run in a worker thread)."""
-        return await asyncio.to_thread(self.generate, prompts, plans, params)
-
     def stream(
         self, prompt: PreparedPrompt, plan: CorruptionPlan | None = None, params: GenerationParams | None = None
     ) -> Iterator[StreamEvent]:
@@ -378,17 +345,16 @@ class LocalBackend:
                 yield StreamEvent(pieces[0], token)
         yield StreamEvent(row.finish(), [], row.finish_reason)
 
-    async def astream(
-        self, prompt: PreparedPrompt, plan: CorruptionPlan | None = None, params: GenerationParams | None = None
-    ) -> AsyncIterator[StreamEvent]:
-        """Async twin of :meth:`stream`: each decoding step runs in a worker thread, the loop stays free."""
-        it = self.stream(prompt, plan, params)
-        sentinel = object()
-        while True:
-            event = await asyncio.to_thread(next, it, sentinel)
-            if event is sentinel:
-                return
-            yield event  # type: ignore[misc]
+    def stream_from_embeds(self, embeds: torch.Tensor, params: GenerationParams | None = None) -> Iterator[StreamEvent]:
+        """Decode from caller-supplied prompt embeddings ``(seq, hidden)``: no template, no corruption."""
+        params = params or GenerationParams()
+        row, sent = _RowText(self.tokenizer, params.stop), 0
+        batch = embeds.to(self.model.dtype)[None]
+        for pieces in self._decode_embeds(batch, torch.ones(batch.shape[:2], dtype=torch.long), params, [row]):
+            if pieces[0]:
+                yield StreamEvent(pieces[0], row.tokens[sent:])
+                sent = len(row.tokens)
+        yield StreamEvent(row.finish(), row.tokens[sent:], row.finish_reason)
 
     def _decode(
         self,
@@ -398,12 +364,17 @@ class LocalBackend:
         rows: list[_RowText],
     ) -> Iterator[list[str]]:
         """The decoding loop: prefill from embeddings, then one token per step for every row."""
-        from transformers import DynamicCache
-
         if not prompts:
             return
         embeds, attn = self.corrupted_embeddings(prompts, plans)
-        generators = self._generators(params, len(prompts))
+        yield from self._decode_embeds(embeds, attn, params, rows)
+
+    def _decode_embeds(
+        self, embeds: torch.Tensor, attn: torch.Tensor, params: GenerationParams, rows: list[_RowText]
+    ) -> Iterator[list[str]]:
+        from transformers import DynamicCache
+
+        generators = self._generators(params, len(rows))
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         eos_ids = set() if params.ignore_eos else self.eos_ids

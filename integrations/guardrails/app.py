@@ -124,24 +124,21 @@ class LocalChatModel(BaseChatModel):
     def _llm_type(self) -> str:
         return "local-plain"
 
-    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None) -> tuple[Any, Any]:
-        prompt = self.guard.backend.prepare(list(to_request(messages).messages))
-        return prompt, self.guard.params(max_new_tokens=self.max_tokens, stop=stop)
+    def _answer(self, messages: list[BaseMessage], stop: list[str] | None) -> Any:
+        return self.guard.unguarded(to_request(messages), max_new_tokens=self.max_tokens, stop=stop)
 
-    def _result(self, gen: Any) -> ChatResult:
-        meta = {"model_name": PLAIN_MODEL_NAME, "finish_reason": gen.finish_reason}
-        message = AIMessage(content=gen.text, response_metadata=meta)
+    def _result(self, result: Any) -> ChatResult:
+        meta = {"model_name": PLAIN_MODEL_NAME, "finish_reason": result.finish_reason}
+        message = AIMessage(content=result.text, response_metadata=meta)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        prompt, params = self._prepare(messages, stop)
-        return self._result(self.guard.backend.generate([prompt], [None], params)[0])
+        return self._result(self._answer(messages, stop).generate())
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        prompt, params = self._prepare(messages, stop)
-        return self._result((await self.guard.backend.agenerate([prompt], [None], params))[0])
+        return self._result(await self._answer(messages, stop).agenerate())
 
 
 def corrupted_chat_model(guard: Guard, max_new_tokens: int = MAX_NEW_TOKENS) -> ECOChatModel:
@@ -172,7 +169,7 @@ class ECORoutingMiddleware(AgentMiddleware):
 
     def judge(self, messages: list[BaseMessage]) -> Decision:
         """The guard's decision for the conversation's last user message."""
-        return self.guard.route(to_request(messages)).decision
+        return self.guard.plan(to_request(messages)).decision
 
     def _corrupted_call(self, request: ModelRequest) -> ModelRequest | list[BaseMessage]:
         if request.tools:  # the corrupted local model cannot call tools: answer in text, skipping binding

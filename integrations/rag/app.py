@@ -88,12 +88,11 @@ def build_unguarded_chain(guard: Guard, retriever: Any = None, **generation: Any
     """The same retrieval and prompt, answered by the same local model with no classifier and no corruption."""
     retriever = retriever or build_retriever()
     generation.setdefault("max_new_tokens", MAX_NEW_TOKENS)
-    params = guard.params(**generation)
+    guard.params(**generation)  # unknown settings fail here, not on the first question
 
     def answer(value: dict[str, Any]) -> str:
-        request = to_request(value)  # the question and the passages, as ECOGuard reads them
-        prompt = guard.backend.prepare(guard.render(request))  # the same RAG prompt ECOGuard renders
-        return guard.backend.generate([prompt], [None], params)[0].text
+        # the question and the passages as ECOGuard reads them, in the same RAG prompt, never classified
+        return guard.unguarded(to_request(value), **generation).generate().text
 
     return {"context": retriever, "question": RunnablePassthrough()} | RunnableLambda(
         answer, name="unguarded_local_model")
