@@ -113,8 +113,10 @@ def _run_classify(args: argparse.Namespace) -> int:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="classifying", disable=not args.output):
             batch = texts[start:start + args.batch_size]
             for text, v in zip(batch, clf.classify(batch)):
-                line = {"text": text, "flagged": v.flagged, "topic": v.topic, "score": v.score, "scores": v.scores,
-                        "terms": v.terms, "weak_terms": v.weak_terms, "contrast": v.contrast}
+                # the decision, the model's probabilities, and the lexicon's evidence, side by side
+                line = {"text": text, "flagged": v.flagged, "topic": v.topic, "flagged_topics": list(v.flagged_topics),
+                        "score": v.score, "scores": v.scores, "terms": v.terms, "weak_terms": v.weak_terms,
+                        "contrast": v.contrast, "thresholds": v.thresholds}
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
@@ -123,7 +125,8 @@ def _run_classify(args: argparse.Namespace) -> int:
 
 
 def _add_classify(subparsers: Any) -> None:
-    sp = subparsers.add_parser("classify", help="score the prompts of a JSONL/CSV file (a 'text' field per row)")
+    sp = subparsers.add_parser("classify", help="classify the prompts of a JSONL/CSV file (a 'text' field per row): "
+                               "decision, model probabilities ('scores') and the terms found")
     sp.add_argument("config", help="YAML config (trains the classifier first if it is missing)")
     sp.add_argument("input", help="JSONL or CSV with a 'text' field")
     sp.add_argument("-o", "--output", help="output JSONL (default: stdout)")
@@ -154,7 +157,7 @@ def _add_eval_classifier(subparsers: Any) -> None:
 
 
 def _run_suggest_terms(args: argparse.Namespace) -> int:
-    from eco_guard.classifier_data import TrainingData, suggest_terms
+    from eco_guard.classifier import TrainingData, suggest_terms
     from eco_guard.config import load_config
 
     data = TrainingData.from_config(load_config(args.config))

@@ -3,7 +3,11 @@
 One file describes one guard, top to bottom::
 
     model:            {path: default}            # local chat model: default | HF folder | .gguf file
-    classifier:       {path: ./classifier, negatives: [retain.jsonl]}
+    classifier:
+      path: ./classifier
+      negatives: [retain.jsonl]
+      training: {epochs: 2}                      # what the model learns: a change retrains
+      decision: {min_threshold: 0.5}             # how its scores are read: a change re-decides at once
     topics:
       - name: harry_potter
         data: [{path: hp.jsonl, split: train}]
@@ -17,30 +21,41 @@ Example:
     >>> cfg = load_config("benchmarks/configs/dev_topics.yaml")  # doctest: +SKIP
     >>> [t.name for t in cfg.topics]  # doctest: +SKIP
     ['harry_potter', 'star_wars']
+
+The whole schema lives here, pure pydantic: loading a config imports no model code (no torch,
+transformers or sentence-transformers); the classifier, the corruptions and the engine read the
+parts they need.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from eco_guard.classifier_training import TrainingSettings
-from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from eco_guard.corruption import Corruptor, SeedKey
 
 __all__ = [
     "ClassifierConfig",
+    "CorruptionSpec",
     "DataSource",
+    "DecisionSettings",
     "GenerationConfig",
     "GuardConfig",
     "ModelConfig",
     "SelectionConfig",
     "TopicConfig",
+    "TrainingSettings",
     "default_cache_dir",
     "default_config_path",
     "load_config",
@@ -86,6 +101,242 @@ class TermsFile(_Strict):
     path: Path
 
 
+# ---------------------------------------------------------------- corruption
+
+DEFAULT_METHOD: Final = "rand_noise_first_n"  # the paper's default corruption
+DEFAULT_DIMS: Final = 1  # the paper's default: only the first embedding dimension
+# Name-only corruption of the fine-tuned SmolLM2 at sigma 3-5 forgot 24 of 25 facts and stayed fluent
+# (DESIGN.md, "Measured here"); the optimiser tunes it per topic.
+DEFAULT_STRENGTH: Final = 5.0
+DEFAULT_SEED: Final = 0
+MAX_SEED: Final = 2**63 - 1  # seeds stay within a signed 64-bit integer (torch, JSON, SQLite)
+BUILTIN_CORRUPTIONS: Final = (
+    "rand_noise_first_n", "rand_noise_rand_n", "rand_noise_top_k", "zero_out_top_k", "zero_out_first_n",
+    "flip_sign_first_n", "flip_sign_top_k", "sub_value_top_k", "add_value_least_k", "sub_value_first_n",
+    "add_value_first_n", "set_rand_noise_first_n", "reverse_order", "shuffle",
+)
+"""The corruptions :mod:`eco_guard.corruption` registers (the ECO paper's fourteen)."""
+
+
+class CorruptionSpec(BaseModel):
+    """A topic's stored corruption: which function, its parameters and the seed of its noise.
+
+    The schema is plain pydantic (a config validates without torch); :meth:`build` and
+    :meth:`apply` load :mod:`eco_guard.corruption`, which also re-exports this class.
+
+    Args:
+        method: a registered corruption name (see :data:`eco_guard.corruption.CORRUPTORS`).
+        dims: embedding dimensions corrupted per token.
+        strength: noise standard deviation or added/subtracted value; the optimiser tunes it.
+        seed: the topic's seed; a request's noise seed is derived from it and the prompt.
+
+    Raises:
+        pydantic.ValidationError: a field is out of range or ``method`` is unknown (the message lists the
+            known methods).
+
+    Example:
+        >>> import torch
+        >>> spec = CorruptionSpec(method="zero_out_first_n", dims=2)
+        >>> spec.apply(torch.ones(1, 2, 3), torch.tensor([[True, False]])).tolist()
+        [[[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]]
+        >>> CorruptionSpec.model_validate_json(spec.model_dump_json()) == spec
+        True
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field(DEFAULT_METHOD, description="Registered corruption name, e.g. rand_noise_first_n.")
+    dims: int = Field(DEFAULT_DIMS, ge=1, description="Embedding dimensions corrupted per token.")
+    strength: float = Field(
+        DEFAULT_STRENGTH, ge=0, allow_inf_nan=False, description="Noise std or added/subtracted value (sigma)."
+    )
+    seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="Topic seed; request noise derives from it and the prompt.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in BUILTIN_CORRUPTIONS:  # one registered by the user, or a typo: only the registry can tell
+            from eco_guard.corruption import get_corruptor
+
+            get_corruptor(method)
+        return method
+
+    @property
+    def uses_strength(self) -> bool:
+        """Whether ``strength`` changes the result (the optimiser has something to tune)."""
+        from eco_guard.corruption import get_corruptor
+
+        return get_corruptor(self.method).uses_strength
+
+    def build(self) -> Corruptor:
+        """The corruptor this spec describes."""
+        from eco_guard.corruption import get_corruptor
+
+        return get_corruptor(self.method)(dims=self.dims, strength=self.strength)
+
+    def with_strength(self, strength: float) -> CorruptionSpec:
+        """A validated copy with another strength (one optimiser step)."""
+        return type(self).model_validate({**self.model_dump(), "strength": strength})
+
+    def apply(self, embeds: torch.Tensor, mask: torch.Tensor, *, keys: Sequence[SeedKey] | None = None) -> torch.Tensor:
+        """Corrupt ``embeds`` deterministically.
+
+        Args:
+            embeds: floating ``(batch, seq, dim)`` prompt embeddings; not modified.
+            mask: boolean ``(batch, seq)``; True marks the tokens to corrupt.
+            keys: one prompt per row (text or token ids): each row's noise is seeded by
+                ``derive_seed(seed, key)``, so a prompt gets the same corruption in any batch. Without keys,
+                one generator seeded with ``seed`` serves the rows in order.
+
+        Returns:
+            A new tensor like ``embeds``.
+
+        Raises:
+            InputError: bad tensors, or ``len(keys)`` differs from the batch size.
+            ConfigError: ``dims`` exceeds the embedding width.
+        """
+        import torch
+
+        from eco_guard.corruption import Generators, request_generators
+
+        generator: Generators
+        if keys is None:
+            generator = torch.Generator().manual_seed(self.seed)
+        else:
+            generator = request_generators(self.seed, keys)
+        return self.build()(embeds, mask, generator=generator)
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def _settings_error(cls: type[BaseModel], exc: ValidationError, where: str, kind: str) -> ConfigError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    at = f"{where}.{key}" if key else where
+    if err["type"] == "extra_forbidden":
+        if cls is TrainingSettings and key in DecisionSettings.model_fields:
+            return ConfigError(f"{at} is a decision setting: pass it in DecisionSettings (classifier.decision.{key})")
+        return ConfigError(f"{at}: unknown {kind} setting (known: {', '.join(cls.model_fields)})")
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{at}: {msg}" + (f" (got {err.get('input')!r})" if key else ""))
+
+
+class TrainingSettings(BaseModel):
+    """How the classifier is trained (``classifier.training`` in the YAML config).
+
+    Every field is a training input: the saved classifier records them, and a change makes it
+    stale (retrained on next use). How its scores are read is :class:`DecisionSettings`.
+
+    Example:
+        >>> TrainingSettings.parse({"epochs": 2}).epochs
+        2
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finetune_encoder: bool = Field(True, description="fine-tune the encoder; False trains only the head")
+    freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed while fine-tuning "
+                                    "(a third of the cost; keeps rare and misspelt sub-words where pre-training put them)")
+    frozen_layers: int = Field(0, ge=0, le=100, description=(
+        "lowest transformer layers kept fixed while fine-tuning: no backward pass through them "
+        "(2 of all-MiniLM-L6-v2's 6 layers: fine-tuning measured 28% faster)"))
+    encoder_layers: int | None = Field(None, ge=1, le=100, description=(
+        "keep only the lowest N transformer layers of the encoder (None: all); training and scoring "
+        "cost fall in proportion, and fine-tuning adapts the shortened encoder (4 of all-MiniLM-L6-v2's 6: "
+        "a third less compute)"))
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "arithmetic of fine-tuning's forward and backward passes (weights, optimiser and scoring stay float32): "
+        "bfloat16 autocast was 1.5x faster on a CPU with native bf16 (AVX512-BF16, AMX) and is emulated, slowly, "
+        "elsewhere; auto = bfloat16 where the CPU has it"))
+    epochs: int = Field(3, ge=0, le=100, description="fine-tuning passes over the augmented training set")
+    batch_size: int = Field(32, ge=1, le=1024)
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="encoder learning rate (AdamW)")
+    head_learning_rate: float = Field(2e-3, gt=0, le=10, description="head learning rate")
+    head_steps: int = Field(300, ge=0, le=100_000, description="full-batch steps fitting the head on frozen embeddings")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    augment: bool = Field(True, description="add evasive variants (typos, wrappers, burying, code, names)")
+    augment_copies: int = Field(2, ge=0, le=50, description="variants per training prompt")
+    term_prompts: int = Field(1, ge=0, le=20, description=(
+        "training prompts built around each topic term (contrast terms get as many prompts in all as the topics)"))
+    joined_negatives: int = Field(200, ge=0, le=100_000, description=(
+        "negatives made of 3-8 negative prompts run together: a long prompt is scored window by window, "
+        "and a window of unrelated text must not add up to a topic"))
+    prose_negatives: int = Field(200, ge=0, le=100_000, description=(
+        "negatives made of 4-15 sentences of everyday prose shipped with eco-guard (mail, manuals, news); "
+        "long prompts are mostly documents, and the prompts alone would teach nothing about prose; the same "
+        "sentences make half the text that buried variants are surrounded with (0 turns both off)"))
+    calibration_fraction: float = Field(0.3, gt=0, lt=1, description="negatives held out to calibrate thresholds")
+    positive_holdout_fraction: float = Field(0.15, ge=0, lt=1, description="positives held out to report the FNR")
+    window_tokens: int = Field(128, ge=8, le=512, description=(
+        "tokens per window (special tokens included): training reads a prompt's first window, the "
+        "augmentation sizes buried variants to fit one, and scoring reads a long prompt window by window"))
+    quantize: bool = Field(False, description="int8 dynamic quantisation of the encoder: 2-3x faster on CPU, but "
+                           "activation scales are per batch, so a prompt's score depends on its batch-mates "
+                           "(logit shifts up to ~1.6 measured); off by default")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _something_fine_tunes(self) -> TrainingSettings:
+        if self.encoder_layers is not None and self.frozen_layers >= self.encoder_layers:
+            raise ValueError(f"frozen_layers: {self.frozen_layers} would freeze all {self.encoder_layers} "
+                             f"encoder_layers; nothing would fine-tune")
+        return self
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | TrainingSettings | None, *,
+              where: str = "classifier.training") -> TrainingSettings:
+        """Validate a mapping; errors name the key (``ConfigError``)."""
+        if isinstance(values, TrainingSettings):
+            return values
+        try:
+            return cls.model_validate(dict(values or {}))
+        except ValidationError as exc:
+            raise _settings_error(cls, exc, where, "training") from None
+
+
+
+class DecisionSettings(BaseModel):
+    """How the trained classifier's probabilities become decisions (``classifier.decision`` in the YAML config).
+
+    Nothing here is a training input: a change re-decides at once and never retrains (the
+    saved model stays up to date). ``window_tokens`` is not here: it truncates training
+    examples and sizes the augmentation's filler, so it is a training setting; only the stride
+    between the scoring windows is read at inference.
+
+    Example:
+        >>> DecisionSettings.parse({"min_threshold": 0.7}).min_threshold
+        0.7
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_threshold: float = Field(0.5, ge=0, le=1, description=(
+        "floor under calibrated thresholds: a confident model puts every calibration negative near 0, "
+        "so the conformal quantile can fall far below 0.5, where unseen text (a long prompt's many "
+        "windows, typos) crosses it; 0.5 = flag only what the model finds more likely than not"))
+    contrast_threshold: float | None = Field(None, ge=0, le=1, description=(
+        "threshold for a prompt that names a contrast term and no term of the topic (None: the topic's own): "
+        "a neighbouring work's name is evidence against the topic that the encoder alone cannot weigh"))
+    weak_term_threshold: float = Field(0.6, ge=0, le=1, description=(
+        "threshold for a prompt that names one of a topic's weak_terms (and no contrast term), when lower than "
+        "the topic's own: an ambiguous name (Luke, Empire) is evidence for the topic the encoder alone cannot weigh"))
+    window_stride: int = Field(64, ge=1, le=512, description=(
+        "tokens between the starts of a long prompt's scoring windows (at most training.window_tokens); "
+        "the stored calibration scores keep the stride they were computed with"))
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | DecisionSettings | None, *,
+              where: str = "classifier.decision") -> DecisionSettings:
+        """Validate a mapping; errors name the key (``ConfigError``)."""
+        if isinstance(values, DecisionSettings):
+            return values
+        try:
+            return cls.model_validate(dict(values or {}))
+        except ValidationError as exc:
+            raise _settings_error(cls, exc, where, "decision") from None
+
 class ModelConfig(_Strict):
     """The local chat model that answers (corrupted or not)."""
 
@@ -116,7 +367,19 @@ class ClassifierConfig(_Strict):
     contrast_terms: list[str | TermsFile] = Field(default_factory=list, description=(
         "names of things that are NOT any topic but sit close to one (neighbouring franchises, "
         "namesakes); training adds negative prompts built around each; each item is a term or {path: file.txt}"))
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description=(
+        "how the model is trained: recorded with the saved classifier, a change retrains it"))
+    decision: DecisionSettings = Field(default_factory=DecisionSettings, description=(
+        "how its probabilities become decisions: a change re-decides at once, never retrains"))
+
+    @field_validator("decision")
+    @classmethod
+    def _windows_overlap(cls, decision: DecisionSettings, info: ValidationInfo) -> DecisionSettings:
+        training = info.data.get("training")  # validated first: it is declared first
+        if training is not None and decision.window_stride > training.window_tokens:
+            raise ValueError(f"window_stride: {decision.window_stride} exceeds training.window_tokens "
+                             f"{training.window_tokens}; windows would skip text")
+        return decision
 
 
 class SelectionConfig(_Strict):
@@ -143,10 +406,10 @@ class TopicConfig(_Strict):
         "possessives included); each item is a term or {path: file.txt}"))
     weak_terms: list[str | TermsFile] = Field(default_factory=list, description=(
         "ambiguous names of the topic (Luke, Empire, Potter): a prompt naming one needs only "
-        "classifier.training.weak_term_threshold for this topic; quote a name to match it only capitalised"))
+        "classifier.decision.weak_term_threshold for this topic; quote a name to match it only capitalised"))
     max_false_positive_rate: float = Field(0.01, gt=0, lt=1)
     threshold: float | None = Field(None, ge=0, le=1)
-    corruption: CorruptionSpec = Field(default_factory=lambda: CorruptionSpec(strength=5.0))
+    corruption: CorruptionSpec = Field(default_factory=lambda: CorruptionSpec(strength=DEFAULT_STRENGTH))
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
 
 
@@ -288,6 +551,15 @@ def _check_topic_names(data: dict[str, Any], file: str, lines: dict[tuple, int])
             seen.add(name)
 
 
+def _check_moved_keys(data: dict[str, Any], file: str, lines: dict[tuple, int]) -> None:
+    """Decision settings used to sit under ``classifier.training``: say where each one goes now."""
+    training = data.get("classifier", {}).get("training") if isinstance(data.get("classifier"), dict) else None
+    for key in training if isinstance(training, dict) else ():
+        if key in DecisionSettings.model_fields:
+            where = _line_for(("classifier", "training", key), lines)
+            raise ConfigError(f"{file}:{where}: classifier.training.{key} moved: write it as classifier.decision.{key}")
+
+
 def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = None) -> GuardConfig:
     """Validate YAML text; every error names the file, line and field path."""
     try:
@@ -305,6 +577,7 @@ def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = N
         raise ConfigError(f"{file}:1: <root>: expected a mapping of settings, got {type(data).__name__}")
     _resolve_paths(data, base_dir or Path.cwd())
     _check_topic_names(data, file, lines)
+    _check_moved_keys(data, file, lines)
     try:
         cfg = GuardConfig.model_validate(data)
     except ValidationError as exc:

@@ -7,7 +7,8 @@ masked tokens only, on the generator's device: with one generator per row, a row
 neither on the other rows nor on padding, and a CPU generator gives the same noise on any device.
 
 The fourteen corruptions of the ECO paper's code are registered under their names (:data:`CORRUPTORS`).
-:class:`CorruptionSpec` is the serialisable form (a pydantic model that configs and the store embed);
+:class:`CorruptionSpec` is the serialisable form (a pydantic model that configs and the store embed; defined
+with the rest of the schema in :mod:`eco_guard.config` and re-exported here);
 :func:`derive_seed` turns a topic's seed and a prompt into the seed of that request's noise.
 
 Example:
@@ -33,17 +34,10 @@ from types import MappingProxyType
 from typing import ClassVar, Final, TypeAlias
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The spec is config schema (loading a config needs no torch); it lives there and is re-exported here.
+from eco_guard.config import DEFAULT_DIMS, DEFAULT_METHOD, DEFAULT_SEED, DEFAULT_STRENGTH, MAX_SEED, CorruptionSpec  # noqa: F401
 from eco_guard.errors import ConfigError, InputError
-
-DEFAULT_METHOD: Final = "rand_noise_first_n"  # the paper's default corruption
-DEFAULT_DIMS: Final = 1  # the paper's default: only the first embedding dimension
-# Name-only corruption of the fine-tuned SmolLM2 at sigma 3-5 forgot 24 of 25 facts and stayed fluent
-# (DESIGN.md, "Measured here"); the optimiser tunes it per topic.
-DEFAULT_STRENGTH: Final = 5.0
-DEFAULT_SEED: Final = 0
-MAX_SEED: Final = 2**63 - 1  # seeds stay within a signed 64-bit integer (torch, JSON, SQLite)
 
 Generators: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 SeedKey: TypeAlias = str | bytes | Sequence[int] | torch.Tensor
@@ -414,82 +408,6 @@ class CorruptionList(list):
         for corruptor in self:
             out = corruptor(out, mask, generator=generator)
         return out if self else embeds.clone()
-
-
-class CorruptionSpec(BaseModel):
-    """A topic's stored corruption: which function, its parameters and the seed of its noise.
-
-    Args:
-        method: a registered corruption name (see :data:`CORRUPTORS`).
-        dims: embedding dimensions corrupted per token.
-        strength: noise standard deviation or added/subtracted value; the optimiser tunes it.
-        seed: the topic's seed; a request's noise seed is derived from it and the prompt.
-
-    Raises:
-        pydantic.ValidationError: a field is out of range or ``method`` is unknown (the message lists the
-            known methods).
-
-    Example:
-        >>> spec = CorruptionSpec(method="zero_out_first_n", dims=2)
-        >>> spec.apply(torch.ones(1, 2, 3), torch.tensor([[True, False]])).tolist()
-        [[[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]]
-        >>> CorruptionSpec.model_validate_json(spec.model_dump_json()) == spec
-        True
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    method: str = Field(DEFAULT_METHOD, description="Registered corruption name, e.g. rand_noise_first_n.")
-    dims: int = Field(DEFAULT_DIMS, ge=1, description="Embedding dimensions corrupted per token.")
-    strength: float = Field(
-        DEFAULT_STRENGTH, ge=0, allow_inf_nan=False, description="Noise std or added/subtracted value (sigma)."
-    )
-    seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="Topic seed; request noise derives from it and the prompt.")
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, method: str) -> str:
-        get_corruptor(method)
-        return method
-
-    @property
-    def uses_strength(self) -> bool:
-        """Whether ``strength`` changes the result (the optimiser has something to tune)."""
-        return get_corruptor(self.method).uses_strength
-
-    def build(self) -> Corruptor:
-        """The corruptor this spec describes."""
-        return get_corruptor(self.method)(dims=self.dims, strength=self.strength)
-
-    def with_strength(self, strength: float) -> CorruptionSpec:
-        """A validated copy with another strength (one optimiser step)."""
-        return type(self).model_validate({**self.model_dump(), "strength": strength})
-
-    def apply(
-        self, embeds: torch.Tensor, mask: torch.Tensor, *, keys: Sequence[SeedKey] | None = None
-    ) -> torch.Tensor:
-        """Corrupt ``embeds`` deterministically.
-
-        Args:
-            embeds: floating ``(batch, seq, dim)`` prompt embeddings; not modified.
-            mask: boolean ``(batch, seq)``; True marks the tokens to corrupt.
-            keys: one prompt per row (text or token ids): each row's noise is seeded by
-                ``derive_seed(seed, key)``, so a prompt gets the same corruption in any batch. Without keys,
-                one generator seeded with ``seed`` serves the rows in order.
-
-        Returns:
-            A new tensor like ``embeds``.
-
-        Raises:
-            InputError: bad tensors, or ``len(keys)`` differs from the batch size.
-            ConfigError: ``dims`` exceeds the embedding width.
-        """
-        generator: Generators
-        if keys is None:
-            generator = torch.Generator().manual_seed(self.seed)
-        else:
-            generator = request_generators(self.seed, keys)
-        return self.build()(embeds, mask, generator=generator)
 
 
 def _check_seed(seed: int) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from eco_guard.config import SelectionConfig
-from eco_guard.text import term_pattern
+from eco_guard.classifier.lexicon import term_pattern
 
 Span = tuple[int, int]
 
@@ -51,7 +51,7 @@ def find_spans(text: str, needles: Sequence[str]) -> list[Span]:
 def keyword_spans(text: str, keywords: Sequence[str], within: Sequence[Span]) -> list[Span]:
     """Whole-word, case-insensitive occurrences of any keyword inside the ``within`` spans.
 
-    Matching follows topic terms (:func:`eco_guard.text.term_pattern`): "Potter" finds
+    Matching follows topic terms (:func:`eco_guard.classifier.lexicon.term_pattern`): "Potter" finds
     "Potter's" but not "pottery"; "Harry Potter" also finds "HarryPotter".
     """
     pattern = term_pattern(keywords, raw=True)

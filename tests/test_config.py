@@ -7,10 +7,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from eco_guard.config import GuardConfig, SelectionConfig, load_config, parse_config
+from eco_guard.config import (
+    BUILTIN_CORRUPTIONS,
+    DecisionSettings,
+    GuardConfig,
+    SelectionConfig,
+    TrainingSettings,
+    load_config,
+    parse_config,
+)
 from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError
 
@@ -121,6 +132,18 @@ BROKEN = [
      "generation.max_new_tokens", ["greater than 0"]),
     ("env-default-not-a-number", edit("strength: 5", "strength: ${ECO_TEST_UNSET_VAR:-lots}"), ("ECO_TEST_UNSET_VAR", 1),
      "topics[0].corruption.strength", ["number"]),
+    ("decision-key-under-training", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {epochs: 2, min_threshold: 0.7}\n"),
+     ("min_threshold", 1), "classifier.training.min_threshold", ["moved: write it as classifier.decision.min_threshold"]),
+    ("stride-under-training", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training:\n    epochs: 2\n    window_stride: 32\n"),
+     ("window_stride", 1), "classifier.training.window_stride", ["moved: write it as classifier.decision.window_stride"]),
+    ("unknown-decision-key", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  decision: {epochs: 2}\n"), ("epochs", 1),
+     "classifier.decision.epochs", ["unknown key"]),
+    ("decision-out-of-range", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  decision:\n    min_threshold: 2\n"), ("min_threshold", 1),
+     "classifier.decision.min_threshold", ["less than or equal to 1"]),
+    ("stride-over-window", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {window_tokens: 32}\n  decision: {window_stride: 64}\n"),
+     ("decision:", 1), "classifier.decision", ["window_stride: 64 exceeds training.window_tokens 32"]),
+    ("nothing-left-to-fine-tune", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {encoder_layers: 2, frozen_layers: 2}\n"),
+     ("training:", 1), "classifier.training", ["frozen_layers: 2 would freeze all 2 encoder_layers"]),
 ]
 
 
@@ -309,3 +332,45 @@ def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("config", [None, "benchmarks/configs/dev_topics.yaml", "benchmarks/tofu_mini/eco.yaml"])
+def test_loading_a_config_imports_no_model_code(config):
+    """The schema is pure pydantic: validating a config loads neither torch nor the encoder libraries."""
+    code = (f"import sys; from eco_guard.config import load_config; load_config({config!r}); "
+            "print([m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_training_and_decision_settings_are_separate_blocks():
+    cfg = parse_config("classifier:\n  training: {epochs: 2, window_tokens: 96}\n"
+                       "  decision: {min_threshold: 0.7, contrast_threshold: 0.9, window_stride: 48}\n"
+                       "topics: [{name: a}]\n")
+    assert cfg.classifier.training == TrainingSettings(epochs=2, window_tokens=96)
+    assert cfg.classifier.decision == DecisionSettings(min_threshold=0.7, contrast_threshold=0.9, window_stride=48)
+    defaults = parse_config("topics: [{name: a}]\n").classifier
+    assert defaults.decision == DecisionSettings() and defaults.decision.weak_term_threshold == 0.6
+    assert not set(TrainingSettings.model_fields) & set(DecisionSettings.model_fields)
+    assert "window_tokens" in TrainingSettings.model_fields and "window_stride" in DecisionSettings.model_fields
+
+
+def test_shipped_configs_use_the_decision_block():
+    dev = load_config(REPO / "benchmarks" / "configs" / "dev_topics.yaml").classifier
+    assert (dev.decision.min_threshold, dev.decision.contrast_threshold, dev.decision.weak_term_threshold) == (0.7, 0.9, 0.6)
+    assert dev.training.encoder_layers == 4 and dev.training.seed == 0
+
+
+def test_corruption_spec_is_config_schema_re_exported_by_the_corruptions():
+    import doctest
+
+    import eco_guard.config as config_module
+    from eco_guard import corruption
+
+    assert corruption.CorruptionSpec is config_module.CorruptionSpec
+    assert set(BUILTIN_CORRUPTIONS) <= set(corruption.CORRUPTORS) and len(BUILTIN_CORRUPTIONS) == 14
+    result = doctest.testmod(config_module)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,9 +1,10 @@
 """How well the prompt classifier separates forget-topic prompts from the rest.
 
-Rates per topic (false negatives: a topic's prompt scored under that topic's
-threshold; false positives: a negative prompt at or over it), the same split by any
-``style``/``kind``/``split`` field of the rows, a confusion table (true topic x
-predicted topic), and a PNG of score histograms with the thresholds.
+Rates per topic, counted from the classifier's decisions (false negatives: a topic's
+prompt whose topic was not among the flagged ones; false positives: a negative prompt
+flagged for it, by the model or by a term), the same split by any ``style``/``kind``/``split``
+field of the rows, a confusion table (true topic x predicted topic), and a PNG of histograms
+of the model's probabilities with the thresholds.
 
 Example:
     >>> rows = load_eval_rows(["data/retain/prompts.jsonl"], ["harry_potter"])  # doctest: +SKIP
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from eco_guard.classifier import PromptClassifier, read_rows
+from eco_guard.classifier import Classification, PromptClassifier, read_rows
 from eco_guard.errors import DataError
 
 __all__ = ["EvalRow", "evaluate", "load_eval_rows", "plot_histograms", "to_markdown", "write_report"]
@@ -84,8 +85,8 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
     negatives = [(r, v) for r, v in zip(rows, verdicts) if r.topic is None]
     for t in topics:
         pos = [v for r, v in zip(rows, verdicts) if r.topic == t]
-        fn = sum(not _reached(clf, v, t) for v in pos)
-        fp = sum(_reached(clf, v, t) for _, v in negatives)
+        fn = sum(t not in v.flagged_topics for v in pos)
+        fp = sum(t in v.flagged_topics for _, v in negatives)
         report["topics"][t] = {"threshold": clf.thresholds[t], "positives": len(pos), "false_negatives": fn,
                                "fnr": _rate(fn, len(pos)), "negatives": len(negatives), "false_positives": fp,
                                "fpr": _rate(fp, len(negatives))}
@@ -94,7 +95,7 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
     for name in GROUP_FIELDS:
         values = sorted({r.fields[name] for r in rows if name in r.fields})
         if values:
-            report["groups"][name] = {v: _group(clf, [(r, x) for r, x in zip(rows, verdicts) if r.fields.get(name) == v])
+            report["groups"][name] = {v: _group([(r, x) for r, x in zip(rows, verdicts) if r.fields.get(name) == v])
                                       for v in values}
     labels = [*topics, NONE]
     counts = [[0] * len(labels) for _ in labels]
@@ -102,30 +103,25 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
         counts[labels.index(r.topic or NONE)][labels.index(v.topic or NONE)] += 1
     report["confusion"] = {"labels": labels, "counts": counts, "rows": "true topic", "columns": "predicted topic"}
     report["errors"] = [{"text": r.text, "true": r.topic, "predicted": v.topic,
-                         "scores": {k: round(s, 4) for k, s in v.scores.items()}, **r.fields}
-                        for r, v in zip(rows, verdicts) if _wrong(clf, r, v)][:MAX_LISTED_ERRORS]
-    report["_scores"] = [(r.topic, v.scores) for r, v in zip(rows, verdicts)]  # for the plot; dropped from JSON
+                         "scores": {k: round(s, 4) for k, s in v.scores.items()}, "terms": v.terms, **r.fields}
+                        for r, v in zip(rows, verdicts) if _wrong(r, v)][:MAX_LISTED_ERRORS]
+    # the model's probabilities, for the plot; dropped from JSON
+    report["_scores"] = [(r.topic, v.scores) for r, v in zip(rows, verdicts)]
     return report
 
 
-def _group(clf: PromptClassifier, pairs: list[tuple[EvalRow, Any]]) -> dict[str, Any]:
+def _group(pairs: list[tuple[EvalRow, Classification]]) -> dict[str, Any]:
     pos = [(r, v) for r, v in pairs if r.topic is not None]
     neg = [v for r, v in pairs if r.topic is None]
-    fn = sum(not _reached(clf, v, r.topic) for r, v in pos)
+    fn = sum(r.topic not in v.flagged_topics for r, v in pos)
     fp = sum(v.flagged for v in neg)
     return {"positives": len(pos), "fnr": _rate(fn, len(pos)), "negatives": len(neg), "fpr": _rate(fp, len(neg))}
 
 
-def _wrong(clf: PromptClassifier, row: EvalRow, verdict: Any) -> bool:
+def _wrong(row: EvalRow, verdict: Classification) -> bool:
     if row.topic is None:
         return bool(verdict.flagged)
-    return not _reached(clf, verdict, row.topic)
-
-
-def _reached(clf: PromptClassifier, verdict: Any, topic: str) -> bool:
-    """The prompt's score for ``topic`` reached the threshold it was held to (a contrast or weak
-    term moves it from the calibrated one)."""
-    return bool(verdict.scores[topic] >= (verdict.thresholds or clf.thresholds)[topic])
+    return row.topic not in verdict.flagged_topics
 
 
 def _rate(k: int, n: int) -> float | None:
@@ -155,13 +151,15 @@ def to_markdown(report: dict[str, Any], title: str = "Prompt classifier evaluati
     lines += [f"| {a} | " + " | ".join(str(c) for c in row) + " |" for a, row in zip(labels, counts)]
     if report["errors"]:
         lines += ["", f"## Errors (first {MAX_LISTED_ERRORS})", ""]
-        lines += [f"- true {e['true'] or NONE}, predicted {e['predicted'] or NONE}, scores {e['scores']}: "
+        lines += [f"- true {e['true'] or NONE}, predicted {e['predicted'] or NONE}, probabilities {e['scores']}"
+                  f"{', terms ' + str(e['terms']) if e.get('terms') else ''}: "
                   f"{json.dumps(e['text'][:200], ensure_ascii=False)}" for e in report["errors"]]
     return "\n".join(lines) + "\n"
 
 
 def plot_histograms(report: dict[str, Any], path: str | Path) -> Path:
-    """Per topic: histograms of its score (logit scale) for its prompts, other topics' and negatives."""
+    """Per topic: histograms of the model's probability of it (logit scale) for its prompts, other topics'
+    and negatives; a prompt flagged by a term may sit anywhere on it."""
     import matplotlib
 
     matplotlib.use("Agg")

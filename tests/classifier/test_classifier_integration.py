@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eco_guard.classifier import PromptClassifier, read_rows
-from eco_guard.text import normalize_text
+from eco_guard.classifier import PromptClassifier, normalize_text, read_rows
 
 pytestmark = pytest.mark.integration
 
-DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "data"
 SLICE = {"epochs": 2, "augment_copies": 1, "head_steps": 100, "calibration_fraction": 0.35, "seed": 0}
 NEUTRAL = (
     "The quarterly report shows that revenue grew by four percent while costs stayed flat.",
@@ -59,7 +58,7 @@ def test_question_buried_at_the_end_of_a_long_prompt_is_caught(small):
     question = "Who killed Dumbledore in Harry Potter?"
     rng = random.Random(1)
     filler = " ".join(rng.choice(NEUTRAL) for _ in range(150))
-    assert len(small._token_ids([filler])[0]) >= 2000
+    assert len(small.encoder.windows.token_ids([normalize_text(filler)])[0]) >= 2000
     [clean, buried, alone] = small.classify([question, f"{filler} {question}", filler])
     assert clean.topic == "harry_potter"
     assert buried.topic == "harry_potter", buried.scores

@@ -1,18 +1,23 @@
-"""Text normalisation applied before the prompt classifier sees a prompt.
+"""The lexicon: names that are evidence about a prompt, beside what the encoder thinks.
 
-Users who want to slip a forget-topic prompt past the classifier reach for cheap
-tricks first: odd case, full-width or mathematical letters, Cyrillic look-alikes,
-zero-width characters, diacritics, letter spacing ("H.a.r.r.y"), leetspeak and
-stretched letters. :func:`normalize_text` undoes them, so the classifier is
-trained and queried on the same canonical text.
+Three kinds of names, all matched in :func:`~eco_guard.classifier.normalize.normalize_text`
+output as whole words (plurals and possessives included):
+
+- a topic's **terms** ("Hogwarts", "Darth Vader"): a prompt naming one is about the topic,
+  whatever the encoder says; long terms also match one typo away;
+- a topic's **weak terms** ("Luke", "the Empire"): ambiguous names, weak evidence for it;
+- **contrast terms** ("Gandalf", "Beatrix Potter"): names of neighbouring things, evidence
+  against every topic the prompt names no term of; a term inside one does not count.
+
+:class:`Lexicon` turns a prompt into :class:`Evidence`; how evidence moves a decision is
+:mod:`eco_guard.classifier.policy`'s business.
 
 Example:
-    >>> normalize_text("Who is H\u200barry P\u043etter?")   # zero-width space, Cyrillic o
-    'who is harry potter?'
-    >>> normalize_text("ｄａｒｔｈ v4d3r")                   # full-width, leetspeak
-    'darth vader'
-    >>> normalize_text("H.a.r.r.y  P o t t e r")
-    'harry potter'
+    >>> lex = Lexicon({"sw": ["Yoda"]}, weak_terms={"sw": ['"Luke"']}, contrast_terms=["Luke Combs"])
+    >>> lex.evidence(["was yoda a jedi?"], ["Was Yoda a Jedi?"])[0]
+    Evidence(terms={'sw': 'yoda'}, weak_terms={}, contrast=None)
+    >>> lex.evidence(["luke combs tour"], ["Luke Combs tour"])[0]
+    Evidence(terms={}, weak_terms={}, contrast='luke combs')
 """
 
 from __future__ import annotations
@@ -21,79 +26,65 @@ import functools
 import gzip
 import json
 import re
-import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final
 
-__all__ = ["CONFUSABLES", "TermMatcher", "case_sensitive_term", "english_words", "normalize_text", "term_pattern"]
+from eco_guard.classifier.normalize import normalize_text
 
-# Look-alike letters from other scripts, mapped to the Latin letter they imitate
-# (a hand-picked subset of Unicode's confusables.txt: the ones that render as
-# plain Latin in common fonts). Applied only where it cannot damage real text,
-# see _unconfuse_word.
-CONFUSABLES: Final[dict[str, str]] = {
-    # Cyrillic (lower case; casefold runs first)
-    "а": "a", "в": "b", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j", "к": "k",
-    "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s",
-    "ԁ": "d", "ԛ": "q", "ԝ": "w", "ɡ": "g", "ӏ": "l", "ѵ": "v", "ү": "y", "ҽ": "e", "ո": "n",
-    # Greek
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p",
-    "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ω": "w", "ϲ": "c", "ϳ": "j",
-    # Latin look-alikes outside ASCII that NFKC keeps
-    "ı": "i", "ȷ": "j", "ɑ": "a", "ɩ": "i", "ʏ": "y", "ᴠ": "v", "ᴡ": "w", "ꮃ": "w", "ꭱ": "r",
-}
-# Looser look-alikes: mapped only inside words that also hold Latin letters, because
-# whole Russian words made of them ("гора") are common.
-_MIXED_ONLY: Final[dict[str, str]] = {"г": "r", "п": "n", "ь": "b", "д": "d", "л": "n", "и": "u"}
-
-# Digits and symbols used as letters; only inside words that are mostly letters.
-_LEET: Final[dict[str, str]] = {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}
-_LEET_INNER = re.compile(r"(?<=[a-z])[013457@$]{1,2}(?=[a-z])")
-_LEET_ENDS = re.compile(r"^[013457@$]{1,2}|[013457@$]{1,2}$")
-
-# Invisible characters that are not Unicode "format" (Cf) characters but still render as nothing.
-_INVISIBLE: Final[frozenset[str]] = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u180e\u3164\uffa0")
-
-# Diacritic blocks used with Latin/Greek/Cyrillic (and by "Zalgo" text). Marks of other
-# scripts (Devanagari vowel signs, Japanese dakuten, ...) change meaning and are kept.
-_DIACRITIC_RANGES: Final[tuple[tuple[int, int], ...]] = (
-    (0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF), (0xFE20, 0xFE2F),
-)
-
-_DIACRITICS = re.compile("[" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _DIACRITIC_RANGES) + "]")
-_WORD = re.compile(r"[^\W_]+|[0-9@$]+", re.UNICODE)
-_LEETY_WORD = re.compile(r"(?<![\w@$])[\w@$]*[a-z][\w@$]*(?![\w@$])")
-# Four or more single letters joined by one repeated separator: "h.a.r.r.y", "p o t t e r".
-_SPACED = re.compile(r"(?<!\w)(\w)(?P<sep>[ .\-_*·|/])(?:\w(?P=sep)){2,}\w(?!\w)")
-_STRETCHED = re.compile(r"(?<=[a-z])([a-z])\1{2,}")  # "harrrry", not "www" or "zzz"
-_SPACES = re.compile(r"\s+")
+__all__ = ["Evidence", "Lexicon", "TermMatcher", "case_sensitive_term", "english_words", "term_pattern"]
 
 
-def normalize_text(text: str) -> str:
-    """Canonical form of a prompt: NFKC, no invisibles or diacritics, case-folded, de-obfuscated.
+@dataclass(frozen=True)
+class Evidence:
+    """What the lexicon found in one prompt.
+
+    Attributes:
+        terms: per topic, the first term found (as written in the normalised prompt).
+        weak_terms: per topic, the first weak term found.
+        contrast: the first contrast term found (only searched when asked for), else None.
+    """
+
+    terms: dict[str, str] = field(default_factory=dict)
+    weak_terms: dict[str, str] = field(default_factory=dict)
+    contrast: str | None = None
+
+
+class Lexicon:
+    """Per-topic term matchers plus the contrast names, built once and only read afterwards (thread-safe).
 
     Args:
-        text: any prompt.
-
-    Returns:
-        The normalised prompt (may be shorter; never longer than a few characters more).
-
-    Example:
-        >>> normalize_text("ＨＡＲＲＹ")
-        'harry'
+        terms: per topic, names that alone make a prompt about it (typos allowed in long ones).
+        weak_terms: per topic, ambiguous names (exact matches only).
+        contrast_terms: names about no topic; they also shield the topic terms inside them.
+        known_words: real words that typo matching never reads as a misspelt term.
     """
-    if text.isascii():  # most prompts: no compatibility forms, invisibles, diacritics or look-alikes
-        text = text.lower()
-    else:
-        text = unicodedata.normalize("NFKC", text)
-        text = "".join(ch for ch in text if not _invisible(ch))
-        text = _strip_diacritics(text.casefold())
-        text = _WORD.sub(lambda m: _unconfuse_word(m.group(0)), text)
-    text = _LEETY_WORD.sub(lambda m: _unleet_word(m.group(0)), text)
-    text = _SPACED.sub(lambda m: m.group(0).replace(m.group("sep"), ""), text)
-    text = _STRETCHED.sub(r"\1\1", text)
-    return _SPACES.sub(" ", text).strip()
+
+    def __init__(self, terms: Mapping[str, Sequence[str]], *, weak_terms: Mapping[str, Sequence[str]] | None = None,
+                 contrast_terms: Sequence[str] = (), known_words: frozenset[str] | set[str] = frozenset()) -> None:
+        contrast = list(contrast_terms)
+        self._terms = {t: TermMatcher(v, known_words=known_words, except_terms=contrast) for t, v in terms.items() if v}
+        # Weak terms are short, everyday words: exact matches only, no typo search.
+        self._weak = {t: TermMatcher(v, except_terms=contrast, typos=False) for t, v in (weak_terms or {}).items() if v}
+        self._contrast = term_pattern(contrast)
+
+    def terms(self, normalized: Sequence[str], raw: Sequence[str]) -> list[dict[str, str]]:
+        """Per prompt, the first term found for each topic that has one."""
+        return [_found(self._terms, norm, text) for norm, text in zip(normalized, raw)]
+
+    def evidence(self, normalized: Sequence[str], raw: Sequence[str], *, contrast: bool = True) -> list[Evidence]:
+        """Per prompt (normalised, and as sent: quoted terms match case-sensitively there), what was found."""
+        out = []
+        for norm, text in zip(normalized, raw):
+            found = self._contrast.search(norm) if contrast and self._contrast is not None else None
+            out.append(Evidence(_found(self._terms, norm, text), _found(self._weak, norm, text),
+                                found.group(0) if found else None))
+        return out
+
+
+def _found(matchers: Mapping[str, TermMatcher], normalized: str, raw: str) -> dict[str, str]:
+    return {t: hit for t, m in matchers.items() if (hit := m.find(normalized, raw))}
 
 
 def case_sensitive_term(term: str) -> str | None:
@@ -322,37 +313,3 @@ def _one_edit(a: str, b: str) -> bool:
     i = next((k for k in range(len(short)) if short[k] != long_[k]), len(short))
     return short[i:] == long_[i + 1:]
 
-
-def _invisible(ch: str) -> bool:
-    # Cf covers zero-width space/joiners, BOM, soft hyphen, bidi controls, tag characters.
-    return unicodedata.category(ch) == "Cf" or ch in _INVISIBLE or 0xFE00 <= ord(ch) <= 0xFE0F
-
-
-def _strip_diacritics(text: str) -> str:
-    return unicodedata.normalize("NFC", _DIACRITICS.sub("", unicodedata.normalize("NFD", text)))
-
-
-def _unconfuse_word(word: str) -> str:
-    """Map look-alikes in a mixed-script word, or in a word made only of look-alikes.
-
-    Real Russian or Greek words contain letters with no Latin twin ("Гарри" has "г"),
-    so they are left alone; "Рotter" (Cyrillic Р + Latin) or "Нагrу" is not.
-    """
-    if not any(ch in CONFUSABLES or ch in _MIXED_ONLY for ch in word):
-        return word
-    if any("a" <= ch <= "z" for ch in word):
-        return "".join(CONFUSABLES.get(ch) or _MIXED_ONLY.get(ch, ch) for ch in word)
-    if all(ch in CONFUSABLES for ch in word):
-        return "".join(CONFUSABLES[ch] for ch in word)
-    return word
-
-
-def _unleet_word(word: str) -> str:
-    """Undo leetspeak: runs of one or two digits between letters ("h4rry", "w34sley"); then, in a
-    word that had some, also at its ends ("y0d4", "angl14"). Plain numbers and "mp3"/"win10"/"3po"
-    stay as they are.
-    """
-    inner = _LEET_INNER.sub(lambda m: "".join(_LEET[c] for c in m.group(0)), word)
-    if inner == word:
-        return word
-    return _LEET_ENDS.sub(lambda m: "".join(_LEET[c] for c in m.group(0)), inner)

@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_classifier import NEG, POS, _config, tiny_encoder  # noqa: F401  (fixture)
+from tiny import NEG, POS, config
 
 from eco_guard.cli import main
 from eco_guard.eval.classifier_report import load_eval_rows
 
 
 @pytest.fixture(scope="module")
-def trained_config(tmp_path_factory, tiny_encoder):  # noqa: F811
-    cfg = _config(tmp_path_factory.mktemp("cli"), tiny_encoder)
+def trained_config(tmp_path_factory, tiny_encoder):
+    cfg = config(tmp_path_factory.mktemp("cli"), tiny_encoder)
     assert main(["train", str(cfg.source), "--quiet"]) == 0
     return cfg
 
 
-def test_train_reports_thresholds(tmp_path, tiny_encoder, capsys):  # noqa: F811
-    cfg = _config(tmp_path, tiny_encoder)
+def test_train_reports_thresholds(tmp_path, tiny_encoder, capsys):
+    cfg = config(tmp_path, tiny_encoder)
     assert main(["train", str(cfg.source), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "wizards: threshold" in out and "space: threshold 0.5 (fixed" in out
@@ -40,11 +40,25 @@ def test_classify_writes_one_verdict_per_line(trained_config, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["text"] for x in lines] == texts
     for x in lines:
-        assert isinstance(x["flagged"], bool) and set(x["scores"]) == {"wizards", "space"}
-        assert (x["topic"] is None) == (not x["flagged"])
+        assert isinstance(x["flagged"], bool) and set(x["scores"]) == set(x["thresholds"]) == {"wizards", "space"}
+        assert (x["topic"] is None) == (not x["flagged"]) == (not x["flagged_topics"])
         if x["flagged"]:
-            assert x["score"] == x["scores"][x["topic"]]
+            assert x["topic"] in x["flagged_topics"]
+            assert x["score"] == x["scores"][x["topic"]]  # no term: the support is the model's probability
         assert x["terms"] == x["weak_terms"] == {} and x["contrast"] is None  # this config names no terms
+
+
+def test_classify_shows_the_models_probability_beside_a_term_hit(tiny_encoder, tmp_path):
+    cfg = config(tmp_path, tiny_encoder)
+    text = cfg.source.read_text().replace("    threshold: 0.5\n", "    threshold: 0.5\n    terms: [Millennium Falcon]\n")
+    cfg.source.write_text(text)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "Dinner on the Millennium Falcon"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["classify", str(cfg.source), str(inp), "-o", str(out)]) == 0
+    [line] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["flagged"] and line["topic"] == "space" and line["terms"] == {"space": "millennium falcon"}
+    assert line["score"] == 1.0 and line["scores"]["space"] < 1.0  # the term's support; the model's probability
 
 
 def test_eval_classifier_writes_report_and_plot(trained_config, tmp_path, capsys):

@@ -210,8 +210,9 @@ def suggest_terms(positives: Mapping[str, Sequence[str]], negatives: Sequence[st
     """
     from collections import Counter
 
-    from eco_guard.augment import entity_prompts
-    from eco_guard.text import TermMatcher, english_words, normalize_text, term_pattern
+    from eco_guard.classifier.augment import entity_prompts
+    from eco_guard.classifier.lexicon import TermMatcher, english_words, term_pattern
+    from eco_guard.classifier.normalize import normalize_text
 
     def names(text: str) -> list[str]:  # "Rey's" counts as "Rey"; "Mc" (cut from "McGonagall") is no name
         bare = (re.sub(r"['’]s?$", "", n) for n in entity_prompts(text))

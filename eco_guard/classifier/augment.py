@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from importlib import resources
 from typing import Final
 
-from eco_guard.text import case_sensitive_term
+from eco_guard.classifier.lexicon import case_sensitive_term
 
 __all__ = [
     "TERM_TEMPLATES", "Augmenter", "CODE_TEMPLATES", "LANGUAGE_WRAPPERS", "WRAPPERS", "add_typos", "distinctive_names",
