@@ -177,6 +177,37 @@ def _add_suggest_terms(subparsers: Any) -> None:
     sp.set_defaults(func=_run_suggest_terms)
 
 
+# ---------------------------------------------------------------- server
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from eco_guard.guard import Guard
+    from eco_guard.server import ServerSettings, serve
+
+    settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
+                              expose_decision=args.expose_decision, enable_prompt_embeds=args.enable_prompt_embeds,
+                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                              max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout)
+    settings.api_key()  # an unset token variable fails before the model loads
+    serve(Guard.from_config(args.config), settings)
+    return 0
+
+
+def _add_serve(subparsers: Any) -> None:
+    sp = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions, metrics)")
+    sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded demo config)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token required")
+    sp.add_argument("--expose-decision", action="store_true", help="add the guard's decision to replies")
+    sp.add_argument("--enable-prompt-embeds", action="store_true",
+                    help="accept vLLM-style prompt_embeds on /v1/completions (unclassified: trusted callers only)")
+    sp.add_argument("--max-concurrency", type=int, default=1, help="generations running at once")
+    sp.add_argument("--max-queue", type=int, default=16, help="requests admitted at once; more get 429")
+    sp.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
+    sp.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a completion gets 504")
+    sp.set_defaults(func=_run_serve)
+
+
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(subparsers)
     _add_eval_classifier(subparsers)
     _add_suggest_terms(subparsers)
+    _add_serve(subparsers)
     return parser
 
 
