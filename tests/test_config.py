@@ -5,10 +5,9 @@ Every expected line number is computed from the YAML text itself (the line holdi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,6 +71,12 @@ def edit(old: str, new: str, text: str = VALID) -> str:
     return text.replace(old, new)
 
 
+def classifier_with(block: str) -> str:
+    """VALID with ``block`` (YAML under ``classifier:``, two-space indented) added to the classifier."""
+    anchor = "  negatives: [neg/negatives.jsonl]\n"
+    return edit(anchor, f"{anchor}  {block}\n")
+
+
 def config_error(text: str, tmp_path: Path) -> str:
     path = tmp_path / "guard.yaml"
     path.write_text(text, encoding="utf-8")
@@ -132,18 +137,18 @@ BROKEN = [
      "generation.max_new_tokens", ["greater than 0"]),
     ("env-default-not-a-number", edit("strength: 5", "strength: ${ECO_TEST_UNSET_VAR:-lots}"), ("ECO_TEST_UNSET_VAR", 1),
      "topics[0].corruption.strength", ["number"]),
-    ("decision-key-under-training", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {epochs: 2, min_threshold: 0.7}\n"),
-     ("min_threshold", 1), "classifier.training.min_threshold", ["moved: write it as classifier.decision.min_threshold"]),
-    ("stride-under-training", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training:\n    epochs: 2\n    window_stride: 32\n"),
-     ("window_stride", 1), "classifier.training.window_stride", ["moved: write it as classifier.decision.window_stride"]),
-    ("unknown-decision-key", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  decision: {epochs: 2}\n"), ("epochs", 1),
+    ("decision-key-under-training", classifier_with("training: {epochs: 2, min_threshold: 0.7}"), ("min_threshold", 1),
+     "classifier.training.min_threshold", ["moved: write it as classifier.decision.min_threshold"]),
+    ("stride-under-training", classifier_with("training:\n    epochs: 2\n    window_stride: 32"), ("window_stride", 1),
+     "classifier.training.window_stride", ["moved: write it as classifier.decision.window_stride"]),
+    ("unknown-decision-key", classifier_with("decision: {epochs: 2}"), ("epochs", 1),
      "classifier.decision.epochs", ["unknown key"]),
-    ("decision-out-of-range", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  decision:\n    min_threshold: 2\n"), ("min_threshold", 1),
+    ("decision-out-of-range", classifier_with("decision:\n    min_threshold: 2"), ("min_threshold", 1),
      "classifier.decision.min_threshold", ["less than or equal to 1"]),
-    ("stride-over-window", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {window_tokens: 32}\n  decision: {window_stride: 64}\n"),
+    ("stride-over-window", classifier_with("training: {window_tokens: 32}\n  decision: {window_stride: 64}"),
      ("decision:", 1), "classifier.decision", ["window_stride: 64 exceeds training.window_tokens 32"]),
-    ("nothing-left-to-fine-tune", edit("  negatives: [neg/negatives.jsonl]\n", "  negatives: [neg/negatives.jsonl]\n  training: {encoder_layers: 2, frozen_layers: 2}\n"),
-     ("training:", 1), "classifier.training", ["frozen_layers: 2 would freeze all 2 encoder_layers"]),
+    ("nothing-left-to-fine-tune", classifier_with("training: {encoder_layers: 2, frozen_layers: 2}"), ("training:", 1),
+     "classifier.training", ["frozen_layers: 2 would freeze all 2 encoder_layers"]),
 ]
 
 
@@ -360,7 +365,8 @@ def test_training_and_decision_settings_are_separate_blocks():
 
 def test_shipped_configs_use_the_decision_block():
     dev = load_config(REPO / "benchmarks" / "configs" / "dev_topics.yaml").classifier
-    assert (dev.decision.min_threshold, dev.decision.contrast_threshold, dev.decision.weak_term_threshold) == (0.7, 0.9, 0.6)
+    decision = dev.decision
+    assert (decision.min_threshold, decision.contrast_threshold, decision.weak_term_threshold) == (0.7, 0.9, 0.6)
     assert dev.training.encoder_layers == 4 and dev.training.seed == 0
 
 

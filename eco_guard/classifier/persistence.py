@@ -32,7 +32,8 @@ from typing import Any, Final
 from eco_guard.config import TrainingSettings
 from eco_guard.errors import ClassifierError
 
-__all__ = ["FORMAT_VERSION", "SavedFolder", "folder_lock", "is_saved", "read_folder", "stale_keys", "swap_in", "write_folder"]
+__all__ = ["FORMAT_VERSION", "SavedFolder", "folder_lock", "is_saved", "read_folder", "stale_keys", "swap_in",
+           "write_folder"]
 
 FORMAT_VERSION: Final = 1
 CONFIG_FILE: Final = "config.json"

@@ -170,7 +170,7 @@ class PromptClassifier:
             "train_seconds": result.seconds, "training_losses": result.losses, "n_train_examples": result.n_examples,
             "training_precision": result.precision,
         }
-        clf = cls(st, net, list(positives), {t: 1.0 for t in positives}, metadata, {}, decision=d)
+        clf = cls(st, net, list(positives), dict.fromkeys(positives, 1.0), metadata, {}, decision=d)
         clf.metadata["term_hits_in_negatives"] = clf._term_hits_in([*negatives, *extra_neg])
         # Thresholds come from the encoder's probabilities alone (a term supports its topic at 1.0 whatever
         # the threshold); the hold-out FNR is that of the whole classifier, terms included.
@@ -237,7 +237,8 @@ class PromptClassifier:
         targets = {t: float(max_false_positive_rate if isinstance(max_false_positive_rate, (int, float))
                             else max_false_positive_rate.get(t, 0.01)) for t in self.topics}
         fixed = {t: v for t, v in (thresholds or {}).items() if v is not None and t in self.topics}
-        self.thresholds, report = calibrate(self._calibration, targets, fixed, min_threshold=self.decision.min_threshold)
+        floor = self.decision.min_threshold
+        self.thresholds, report = calibrate(self._calibration, targets, fixed, min_threshold=floor)
         self.metadata["thresholds"] = dict(self.thresholds)
         self.metadata["calibration"] = report
 
@@ -283,7 +284,8 @@ class PromptClassifier:
 
     def _term_hits_in(self, negatives: Sequence[str]) -> list[dict[str, Any]]:
         """Negatives a topic term matches: each is a false positive no threshold can prevent."""
-        hits = [{"text": text, "terms": found} for text, found in zip(negatives, self.matched_terms(negatives)) if found]
+        found_in = zip(negatives, self.matched_terms(negatives))
+        hits = [{"text": text, "terms": found} for text, found in found_in if found]
         if hits:
             shown = "; ".join(f"{h['text'][:60]!r} ({', '.join(h['terms'].values())})" for h in hits[:5])
             warnings.warn(f"{len(hits)} negative prompt(s) contain a topic term and will always be flagged: {shown}",

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny import build_tiny_encoder
-from tiny import train
+from tiny import build_tiny_encoder, train
 
 
 @pytest.fixture(scope="session")

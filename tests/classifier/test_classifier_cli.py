@@ -50,8 +50,8 @@ def test_classify_writes_one_verdict_per_line(trained_config, tmp_path):
 
 def test_classify_shows_the_models_probability_beside_a_term_hit(tiny_encoder, tmp_path):
     cfg = config(tmp_path, tiny_encoder)
-    text = cfg.source.read_text().replace("    threshold: 0.5\n", "    threshold: 0.5\n    terms: [Millennium Falcon]\n")
-    cfg.source.write_text(text)
+    fixed = "    threshold: 0.5\n"
+    cfg.source.write_text(cfg.source.read_text().replace(fixed, f"{fixed}    terms: [Millennium Falcon]\n"))
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"text": "Dinner on the Millennium Falcon"}) + "\n")
     out = tmp_path / "out.jsonl"

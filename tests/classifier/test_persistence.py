@@ -104,8 +104,8 @@ def test_concurrent_first_use_trains_once(tiny_encoder, tmp_path, monkeypatch):
 
 
 def test_a_decision_setting_changes_decisions_without_retraining(tiny_encoder, tmp_path, monkeypatch):
-    yaml_path = config_yaml(tmp_path, tiny_encoder)
-    first = PromptClassifier.from_config(config(tmp_path, tiny_encoder), progress=False)
+    yaml_path = config_yaml(tmp_path, tiny_encoder, fpr=0.5, decision="{min_threshold: 0.0}")
+    first = PromptClassifier.from_config(load_config(yaml_path), progress=False)
     saved = tmp_path / "clf"
     before = {p.name: p.stat().st_mtime_ns for p in saved.rglob("*")}
     meta_before = (saved / "config.json").read_text()
@@ -116,18 +116,20 @@ def test_a_decision_setting_changes_decisions_without_retraining(tiny_encoder, t
     monkeypatch.setattr(PromptClassifier, "train", classmethod(no_training))
     texts = POS["wizards"] + NEG
     # a floor over every probability: nothing the model alone supports is flagged any more
-    yaml_path.write_text(yaml_path.read_text().replace("decision: {}", "decision: {min_threshold: 0.999999}"))
+    yaml_path.write_text(yaml_path.read_text().replace("{min_threshold: 0.0}", "{min_threshold: 0.999999}"))
     strict = PromptClassifier.from_config(load_config(yaml_path), progress=False)
     assert strict.thresholds["wizards"] == 0.999999 and strict.thresholds["space"] == 0.5  # a fixed one stays
     assert strict.decision.min_threshold == 0.999999
-    assert not any(v.flagged and v.topic == "wizards" for v in strict.classify(texts))
+    before_flags = [v.flagged_topics for v in first.classify(texts)]
+    assert sum("wizards" in f for f in before_flags) > 0  # the trained model did flag some
+    assert not any("wizards" in v.flagged_topics for v in strict.classify(texts))
     assert strict.score(texts) == first.score(texts)  # the same model: only the reading changed
     assert {p.name: p.stat().st_mtime_ns for p in saved.rglob("*")} == before
     assert (saved / "config.json").read_text() == meta_before
     assert list(tmp_path.glob("*.lock")) == []
 
 
-def test_a_folder_saved_with_decision_settings_among_training_ones_stays_up_to_date(tiny_encoder, tmp_path, monkeypatch):
+def test_a_folder_saved_with_decision_settings_among_training_ones_is_up_to_date(tiny_encoder, tmp_path, monkeypatch):
     cfg = config(tmp_path, tiny_encoder)
     clf = PromptClassifier.from_config(cfg, progress=False)
     meta_file = tmp_path / "clf" / "config.json"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eco_guard.classifier import Classification, DecisionPolicy, DecisionSettings, Evidence, calibrate, conformal_threshold
+from eco_guard.classifier import (
+    Classification,
+    DecisionPolicy,
+    DecisionSettings,
+    Evidence,
+    calibrate,
+    conformal_threshold,
+)
 from eco_guard.errors import DataError
 
 

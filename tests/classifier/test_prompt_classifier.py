@@ -13,7 +13,7 @@ from eco_guard.classifier import Classification, PromptClassifier, support
 def test_classify_fields_follow_thresholds(tiny_classifier):
     clf = tiny_classifier
     texts = POS["wizards"][:3] + POS["space"][:3] + NEG[:3]
-    for text, verdict, probabilities in zip(texts, clf.classify(texts), clf.score(texts)):
+    for verdict, probabilities in zip(clf.classify(texts), clf.score(texts)):
         assert isinstance(verdict, Classification)
         assert verdict.scores == probabilities and set(verdict.scores) == {"wizards", "space"}
         assert verdict.thresholds == clf.thresholds  # no term, weak term or contrast name in these
