@@ -506,7 +506,8 @@ def test_real_server_refusals_and_metrics(real_server, real_clients, real_backen
     for tensor in _bad_tensors(real_backend.hidden_size, max_rows=2048).values():
         body = {"model": model, "prompt": "", "prompt_embeds": _b64(tensor), "max_tokens": 4}
         assert httpx.post(real_server + "/v1/completions", json=body, headers=auth).status_code == 400
-    bad = httpx.post(real_server + "/v1/chat/completions", content=b"{oops", headers=auth)
+    bad = httpx.post(real_server + "/v1/chat/completions", content=b"{oops",
+                     headers={**auth, "content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert httpx.post(real_server + "/v1/chat/completions", json=chat, headers=auth).status_code == 200
     metrics = httpx.get(real_server + "/metrics", headers=auth).text
