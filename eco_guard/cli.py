@@ -32,27 +32,25 @@ def _cell(text: str, width: int) -> list[str]:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from eco_guard.guard import Guard, GuardRequest
+    from eco_guard.guard import Guard
 
     started = time.perf_counter()
     print("Loading the model and the classifier (the first run trains the classifier, ~1-2 min)...", flush=True)
     guard = Guard.from_config(args.config)
     prompts = args.prompt or _demo_prompts()
-    params = guard.params(max_new_tokens=args.max_new_tokens)
     width = 44
-    print(f"\nForget topics: {', '.join(t.name for t in guard.config.topics)}   model: {guard.backend.name}\n")
+    print(f"\nForget topics: {', '.join(t.name for t in guard.config.topics)}   model: {guard.model_name}\n")
     header = f"{'prompt':<28} | {'plain answer':<{width}} | {'ECO answer':<{width}}"
     print(header)
     print("-" * len(header))
     for prompt in prompts:
-        routed = guard.route(GuardRequest.of(prompt))
-        plain = guard.backend.generate([routed.prompt], None, params)[0].text
-        d = routed.decision
-        if routed.plan is not None:
-            eco = guard.backend.generate([routed.prompt], [routed.plan], params)[0].text
-            decode = guard.backend.tokenizer.decode
-            tokens = [decode([t]).strip() for t, m in zip(routed.prompt.input_ids, routed.plan.mask) if m]
-            note = f"[{d.topic} p={d.score:.2f}; corrupted {d.corrupted_tokens}: {'|'.join(tokens)}]"
+        answer = guard.plan(prompt, max_new_tokens=args.max_new_tokens)
+        plain = guard.unguarded(prompt, max_new_tokens=args.max_new_tokens).generate().text
+        d = answer.decision
+        if answer.route == "corrupted":
+            eco = answer.generate().text
+            pieces = "|".join(p.strip() for p in answer.corrupted_pieces())
+            note = f"[{d.topic} p={d.score:.2f}; corrupted {d.corrupted_tokens}: {pieces}]"
         else:
             eco = plain
             note = f"[not flagged, p={d.score:.2f}: plain generation]"
@@ -208,6 +206,39 @@ def _add_serve(subparsers: Any) -> None:
     sp.set_defaults(func=_run_serve)
 
 
+# ---------------------------------------------------------------- learned corruption
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    from eco_guard.optimize import optimize_config
+
+    started = time.perf_counter()
+    path, results = optimize_config(args.config, topics=args.topic or None, steps=args.steps,
+                                    methods=args.methods.split(","), modes=args.modes.split(","),
+                                    dims=[int(d) for d in args.dims.split(",")], target_hit_rate=args.target,
+                                    max_fluency_ratio=args.max_fluency, progress=not args.quiet)
+    for name, r in results.items():
+        b, m = r.best, r.best.measurement
+        print(f"{name}: {b.method} dims {b.dims} strength {b.strength:g} selection {b.mode}: hit rate "
+              f"{m.hit_rate:.0%} of {r.n_known} known (target {r.target_hit_rate:.0%}), fluency ratio "
+              f"{m.fluency_ratio:.2f} (<= {r.max_fluency_ratio:g}){'' if b.reached else '  TARGET NOT REACHED'}")
+    print(f"wrote {path} and its report in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _add_optimize(subparsers: Any) -> None:
+    sp = subparsers.add_parser("optimize", help="learn the corruption of 'corruption: learned' topics and store it")
+    sp.add_argument("config", help="YAML config; the store is written to its 'store' (default <config>.eco.json)")
+    sp.add_argument("--topic", action="append", help="learn this topic (repeatable; default: every learned topic)")
+    sp.add_argument("--steps", type=int, default=8, help="zeroth-order steps per candidate")
+    sp.add_argument("--methods", default="rand_noise_first_n,zero_out_top_k,flip_sign_top_k")
+    sp.add_argument("--modes", default="content,keywords", help="token selection modes to try")
+    sp.add_argument("--dims", default="1", help="comma-separated dims to try")
+    sp.add_argument("--target", type=float, default=0.1, help="hit rate to reach on the known questions")
+    sp.add_argument("--max-fluency", type=float, default=2.0, help="bound on the replies' perplexity ratio")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sp.set_defaults(func=_run_optimize)
+
+
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classify(subparsers)
     _add_eval_classifier(subparsers)
     _add_suggest_terms(subparsers)
+    _add_optimize(subparsers)
     _add_serve(subparsers)
     return parser
 

@@ -409,8 +409,14 @@ class TopicConfig(_Strict):
         "classifier.decision.weak_term_threshold for this topic; quote a name to match it only capitalised"))
     max_false_positive_rate: float = Field(0.01, gt=0, lt=1)
     threshold: float | None = Field(None, ge=0, le=1)
-    corruption: CorruptionSpec = Field(default_factory=lambda: CorruptionSpec(strength=DEFAULT_STRENGTH))
+    corruption: CorruptionSpec | Literal["learned"] = Field(
+        default_factory=lambda: CorruptionSpec(strength=DEFAULT_STRENGTH), description=(
+            "the corruption of this topic's flagged prompts: {method, dims, strength, seed}, or 'learned' to use "
+            "what `eco-guard optimize` stored in the corruption store (its token selection included)"))
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    evaluation: Path | None = Field(None, description=(
+        "short-answer questions about the topic (JSONL: question, answers) that `eco-guard optimize` learns "
+        "the corruption on"))
 
 
 class GuardConfig(_Strict):
@@ -424,6 +430,9 @@ class GuardConfig(_Strict):
     on_classifier_error: Literal["flag", "block", "pass"] = "flag"
     rag: Literal["corrupt", "drop"] = "corrupt"
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    store: Path | None = Field(None, description=(
+        "the corruption store that `corruption: learned` topics read (default: <config name>.eco.json beside "
+        "the config)"))
     source: Path | None = Field(None, exclude=True, description="the YAML file this came from")
 
     @field_validator("topics")
@@ -530,6 +539,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str) and model["path"] != "default":
         model["path"] = fix(model["path"])
+    if isinstance(data.get("store"), str):
+        data["store"] = fix(data["store"])
+    for topic in data.get("topics") or []:
+        if isinstance(topic, dict) and isinstance(topic.get("evaluation"), str):
+            topic["evaluation"] = fix(topic["evaluation"])
     for topic in data.get("topics") or []:
         if isinstance(topic, dict) and isinstance(topic.get("data"), list):
             topic["data"] = [fix_source(s) for s in topic["data"]]

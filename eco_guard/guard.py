@@ -41,6 +41,8 @@ from eco_guard.selection import find_spans, select_mask, token_mask
 
 if TYPE_CHECKING:
     from eco_guard.classifier import Classification, PromptClassifier
+    from eco_guard.config import SelectionConfig
+    from eco_guard.corruption import CorruptionSpec
 
 __all__ = ["BLOCKED_REPLY", "Answer", "Decision", "Guard", "GuardRequest", "GuardResult", "Route", "Verdict"]
 
@@ -219,6 +221,30 @@ class Answer:
         return [self.backend.decode([t]) for t, m in zip(self.prompt.input_ids, self.corruption.mask) if m]
 
 
+def _resolve_corruptions(config: GuardConfig, backend: Backend,
+                         use_store: bool) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
+    """Each topic's corruption; ``learned`` ones from the store, which must match this model."""
+    from eco_guard.config import CorruptionSpec
+    from eco_guard.store import CorruptionStore, StoreError, default_store_path
+
+    learned = [t.name for t in config.topics if t.corruption == "learned"]
+    resolved = {t.name: (t.corruption, t.selection) for t in config.topics if t.corruption != "learned"}
+    if not learned:
+        return resolved
+    if not use_store:
+        return {**resolved, **{name: (CorruptionSpec(), config.topic(name).selection) for name in learned}}
+    command = f"eco-guard optimize {config.source or 'CONFIG'}"
+    path = config.store or default_store_path(config.source)
+    if path is None:
+        raise StoreError(f"topics {', '.join(learned)} use 'corruption: learned' but the config names no 'store'")
+    store = CorruptionStore.load(path, command=command)
+    fingerprint = backend.fingerprint()
+    for name in learned:
+        entry = store.entry(name, fingerprint, file=str(path), command=command)
+        resolved[name] = (entry.corruption, entry.selection)
+    return {t.name: resolved[t.name] for t in config.topics}
+
+
 def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> Backend:
     from eco_guard.backends.local import LocalBackend
 
@@ -232,15 +258,18 @@ class Guard:
     """Check → classify → route → (corrupted or plain) generation. Holds no per-request state,
     so one guard serves many threads."""
 
-    def __init__(self, config: GuardConfig, backend: Backend, classifier: PromptClassifier | None):
+    def __init__(self, config: GuardConfig, backend: Backend, classifier: PromptClassifier | None, *,
+                 use_store: bool = True):
+        """``use_store=False`` gives ``corruption: learned`` topics the default corruption instead of the
+        store's (only for learning them: ``eco-guard optimize``)."""
         self.config = config
         self.backend = backend
         self.classifier = classifier
-        for topic in config.topics:  # a dims too wide for this model fails now, not on a user's request
-            if topic.corruption.dims > backend.hidden_size:
+        self._corruptions = _resolve_corruptions(config, backend, use_store)
+        for name, (spec, _) in self._corruptions.items():  # a dims too wide fails now, not on a user's request
+            if spec.dims > backend.hidden_size:
                 raise EcoGuardError(
-                    f"topic {topic.name!r}: corruption dims={topic.corruption.dims} exceeds the model's "
-                    f"embedding width {backend.hidden_size}"
+                    f"topic {name!r}: corruption dims={spec.dims} exceeds the model's embedding width {backend.hidden_size}"
                 )
 
     @classmethod
@@ -252,6 +281,7 @@ class Guard:
         classifier: PromptClassifier | None = None,
         train_if_missing: bool = True,
         progress: bool = True,
+        use_store: bool = True,
     ) -> Guard:
         """Build the guard a YAML file describes (``None``: the embedded demo config).
 
@@ -263,12 +293,24 @@ class Guard:
         backend = backend or _load_backend(cfg, cfg.model.path)
         if classifier is None:
             classifier = PromptClassifier.from_config(cfg, train_if_missing=train_if_missing, progress=progress)
-        return cls(cfg, backend, classifier)
+        return cls(cfg, backend, classifier, use_store=use_store)
 
     def with_model(self, model: str | os.PathLike[str]) -> Guard:
         """The same config and classifier answering with another local model (``default``, a ``.gguf``
         file or an HF folder); the classifier is shared and loaded weights are reused across calls."""
-        return type(self)(self.config, _load_backend(self.config, model), self.classifier)
+        return type(self)(self.config, _load_backend(self.config, model), self.classifier)  # a learned store must fit it too
+
+    def with_corruption(self, topic: str, spec: CorruptionSpec, selection: SelectionConfig | None = None) -> Guard:
+        """The same guard with one topic's corruption (and token selection) replaced: what the optimiser tries."""
+        if topic not in self._corruptions:
+            raise EcoGuardError(f"no topic named {topic!r}; the config has {', '.join(self._corruptions)}")
+        selection = selection or self._corruptions[topic][1]
+        topics = [t.model_copy(update={"corruption": spec, "selection": selection}) if t.name == topic else t
+                  for t in self.config.topics]
+        guard = type(self)(self.config.model_copy(update={"topics": topics}), self.backend, self.classifier,
+                           use_store=False)
+        guard._corruptions = {**self._corruptions, topic: (spec, selection)}  # the others as resolved here
+        return guard
 
     @property
     def model_name(self) -> str:
@@ -399,21 +441,47 @@ class Guard:
         decision = Decision(True, topic.name, 1.0, "corrupted", plan.n_tokens, error=reason)
         return self._answer(decision, messages, prompt, plan, settings)
 
+    def corruption_of(self, topic: str) -> tuple[CorruptionSpec, SelectionConfig]:
+        """The corruption and token selection a topic's flagged prompts get (a learned one resolved)."""
+        return self._corruptions[topic]
+
     def _corruption(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
-        mask = select_mask(prompt.text, prompt.offsets, spans, topic.selection)
+        spec, selection = self._corruptions[topic.name]
+        mask = select_mask(prompt.text, prompt.offsets, spans, selection)
         if not any(mask):
             # A flagged prompt must never go out uncorrupted: no keyword in it (an indirect
             # reference) -> corrupt the whole span; span not found -> every non-special token.
             mask = token_mask(prompt.offsets, spans or [(0, len(prompt.text))])
             special = self.backend.special_token_ids
             mask = [m and t not in special for m, t in zip(mask, prompt.input_ids)]
-        return CorruptionPlan(topic.corruption, tuple(mask), prompt.text)
+        return CorruptionPlan(spec, tuple(mask), prompt.text)
 
     def _answer(self, decision: Decision, messages: tuple[Message, ...], prompt: PreparedPrompt | None,
                 plan: CorruptionPlan | None, settings: GenerationParams) -> Answer:
         return Answer(decision, messages, prompt, plan, settings, self.backend)
 
     # ------------------------------------------------------------ answering (plan, then generate)
+
+    def generate_all(self, answers: Sequence[Answer]) -> list[GuardResult]:
+        """Produce many planned answers in one decoding batch per generation setting (evaluation: a batch
+        is several times faster than one answer at a time; serving keeps requests apart)."""
+        results: list[GuardResult | None] = [None] * len(answers)
+        groups: dict[GenerationParams, list[int]] = {}
+        for i, answer in enumerate(answers):
+            if answer.prompt is None:
+                results[i] = answer.generate()
+            else:
+                groups.setdefault(answer.params, []).append(i)
+        for params, rows in groups.items():
+            gens = self.backend.generate([answers[i].prompt for i in rows], [answers[i].corruption for i in rows], params)
+            for i, gen in zip(rows, gens):
+                results[i] = GuardResult(gen.text, answers[i].decision, gen)
+        return results  # type: ignore[return-value]
+
+    def score_replies(self, answers: Sequence[Answer], replies: Sequence[str]) -> list[tuple[float, int]]:
+        """Per answer, the mean log-probability of a given reply under its (corrupted) prompt, and its length."""
+        return [self.backend.score(a.prompt, a.corruption, r) if a.prompt is not None else (0.0, 0)
+                for a, r in zip(answers, replies)]
 
     def invoke(self, prompt: str | Sequence[Message] | GuardRequest, **params: Any) -> GuardResult:
         """Answer one prompt (text or chat messages).

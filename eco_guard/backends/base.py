@@ -150,6 +150,15 @@ class Backend(ABC):
         template, no corruption. A backend that cannot raises ``NotImplementedError`` (this default)."""
         raise NotImplementedError(f"{type(self).__name__} cannot generate from prompt embeddings")
 
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of the token embedding matrix: what a learned corruption was learned against."""
+        raise NotImplementedError(f"{type(self).__name__} has no embedding fingerprint")
+
+    def score(self, prompt: PreparedPrompt, plan: CorruptionPlan | None, continuation: str) -> tuple[float, int]:
+        """Mean per-token log-probability of ``continuation`` as the reply to ``prompt`` (corrupted by
+        ``plan``; the reply's own tokens never are), and its token count. For learning corruptions offline."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score replies")
+
     async def agenerate(
         self,
         prompts: Sequence[PreparedPrompt],

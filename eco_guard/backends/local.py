@@ -196,6 +196,7 @@ class LocalBackend(Backend):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
         self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self._max_token_bytes = _max_token_bytes(tokenizer)
+        self._fingerprint: str | None = None
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -313,6 +314,25 @@ class LocalBackend(Backend):
             mask[0, width - len(p):] = torch.tensor(plan.mask)
             embeds[row : row + 1] = plan.spec.apply(embeds[row : row + 1], mask, keys=[plan.key])
         return embeds, attn
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # 0.1-0.2 s for SmolLM2's 49152 x 576 matrix: once per backend
+            weights = self.model.get_input_embeddings().weight.detach().to(torch.float32).contiguous()
+            self._fingerprint = "sha256:" + hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+        return self._fingerprint
+
+    def score(self, prompt: PreparedPrompt, plan: CorruptionPlan | None, continuation: str) -> tuple[float, int]:
+        ids = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not ids:
+            return 0.0, 0
+        embeds, _ = self.corrupted_embeddings([prompt], [plan])
+        with torch.inference_mode():
+            reply = self.model.get_input_embeddings()(torch.tensor([ids]))
+            logits = self.model(inputs_embeds=torch.cat([embeds, reply.to(embeds.dtype)], dim=1)).logits[0]
+            start = len(prompt) - 1  # the logits at position i predict token i + 1
+            logp = torch.log_softmax(logits[start:start + len(ids)].float(), dim=-1)
+            picked = logp.gather(1, torch.tensor(ids)[:, None])
+        return float(picked.mean()), len(ids)
 
     # ------------------------------------------------------------ generation
 
