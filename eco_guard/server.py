@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from eco_guard.backends.base import StreamEvent
+from eco_guard.backends.base import PreparedPrompt, StreamEvent
 from eco_guard.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -162,9 +162,10 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | None = None
+    prompt: str | list[int] | list[str] | None = None
     prompt_embeds: str | list[str] | None = None
     echo: bool = False
+    return_token_ids: bool = False  # vLLM's field: the completion's token ids in each choice
 
 
 def _text_content(i: int, m: ChatMessage) -> str:
@@ -399,6 +400,7 @@ class _Job:
     prompt_tokens: int
     decision: dict[str, Any] | None
     include_usage: bool = False
+    token_ids: bool = False  # vLLM's return_token_ids
 
     def __post_init__(self) -> None:
         chat = self.kind == "chat"
@@ -412,15 +414,18 @@ class _Job:
             head["eco_guard"] = self.decision
         return head
 
-    def reply(self, model: str, text: str, finish: str, tokens: int) -> dict[str, Any]:
+    def reply(self, model: str, text: str, finish: str, ids: list[int]) -> dict[str, Any]:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._head(model, self.object), "choices": [choice], "usage": _usage(self.prompt_tokens, tokens)}
+        if self.token_ids:
+            choice["token_ids"] = ids
+        return {**self._head(model, self.object), "choices": [choice], "usage": _usage(self.prompt_tokens, len(ids))}
 
-    def chunk(self, model: str, text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
+    def chunk(self, model: str, text: str | None, finish: str | None, *, first: bool = False,
+              ids: list[int] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
@@ -430,6 +435,8 @@ class _Job:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
+        if self.token_ids and not first:
+            choice["token_ids"] = ids or []
         head = self._head(model, obj) if first else {k: v for k, v in self._head(model, obj).items()
                                                       if k != "eco_guard"}
         return {**head, "choices": [choice]}
@@ -623,7 +630,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None) -> FastAPI:
         params = _overrides(body, settings, guard.config.generation.max_new_tokens)
         if body.echo:
             raise ApiError(400, "echo is not supported", param="echo")
-        if body.prompt_embeds is not None:
+        if body.prompt_embeds is not None or _token_ids(body.prompt):
             return await _run(state, request, body, "/v1/completions", "text", lambda: _embedded(state, body, params))
         prompt = _single(body.prompt, "prompt")
         return await _run(state, request, body, "/v1/completions", "text",
@@ -666,20 +673,40 @@ async def _planned(state: _State, planning: Any) -> _Planned:
     return answer.stream, len(answer.prompt) if answer.prompt is not None else 0, decision
 
 
+def _token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
+
+
 async def _embedded(state: _State, body: CompletionRequest, params: dict[str, Any]) -> _Planned:
-    """Generate from the caller's embeddings (vLLM's prompt_embeds): no text exists to classify."""
+    """Generate from the caller's embeddings (vLLM's prompt_embeds) or token ids, rendered by the caller
+    (no chat template is applied) and not classified: what a generation server does behind a guard."""
+    field = "prompt_embeds" if body.prompt_embeds is not None else "prompt"
     if not state.settings.enable_prompt_embeds:
-        raise ApiError(400, "prompt_embeds are disabled on this server (eco-guard serve --enable-prompt-embeds)",
-                       param="prompt_embeds", code="prompt_embeds_disabled")
-    if body.prompt not in (None, "", [""]):
-        raise ApiError(400, "send either prompt or prompt_embeds, not both", param="prompt")
+        raise ApiError(400, f"{'prompt_embeds' if field == 'prompt_embeds' else 'token-id prompts'} are disabled "
+                       "on this server (eco-guard serve --enable-prompt-embeds)", param=field,
+                       code="prompt_embeds_disabled")
     backend = state.guard.backend
     rows = min(state.settings.max_embed_tokens, backend.max_input_tokens)
-    data = _single(body.prompt_embeds, "prompt_embeds")
-    embeds = await asyncio.to_thread(load_prompt_embeds, data, backend.hidden_size, rows)
+    if field == "prompt_embeds":
+        if body.prompt not in (None, "", [""]):
+            raise ApiError(400, "send either prompt or prompt_embeds, not both", param="prompt")
+        data = _single(body.prompt_embeds, "prompt_embeds")
+        embeds = await asyncio.to_thread(load_prompt_embeds, data, backend.hidden_size, rows)
+    else:
+        embeds = _embed_ids(backend, body.prompt, rows)
     settings = state.guard.params(**params)
-    state.metrics.routes.labels("prompt_embeds", "none").inc()
+    state.metrics.routes.labels(field, "none").inc()
     return (lambda: backend.stream_from_embeds(embeds, settings)), int(embeds.shape[0]), None
+
+
+def _embed_ids(backend: Any, ids: list[int], max_rows: int) -> torch.Tensor:
+    if len(ids) > max_rows:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens long; at most {max_rows} are allowed", param="prompt")
+    prompt = PreparedPrompt("", tuple(ids), ((0, 0),) * len(ids))
+    try:
+        return backend.embed([prompt])[0][0]
+    except (IndexError, RuntimeError):  # an id outside the vocabulary
+        raise ApiError(400, "the prompt has a token id outside the model's vocabulary", param="prompt") from None
 
 
 async def _run(state: _State, request: Any, body: _Sampling, endpoint: str, kind: Literal["chat", "text"],
@@ -692,7 +719,8 @@ async def _run(state: _State, request: Any, body: _Sampling, endpoint: str, kind
         release()
         raise
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    job = _Job(endpoint, kind, make, prompt_tokens, decision, include_usage)
+    job = _Job(endpoint, kind, make, prompt_tokens, decision, include_usage,
+               token_ids=bool(getattr(body, "return_token_ids", False)))
     if body.stream:
         return _SSEResponse(_stream(state, job, body.model), release)
     try:
@@ -712,21 +740,21 @@ async def _whole(state: _State, job: _Job, model: str, request: Any) -> Response
         cancel.set()
 
     watcher = asyncio.create_task(watch())
-    pieces, tokens, finish = [], 0, "length"
+    pieces, ids, finish = [], [], "length"
     try:
         async for event in state.events(job.make, cancel, started + state.settings.request_timeout_s):
             if not pieces:
                 state.metrics.ttft.labels(job.endpoint).observe(time.monotonic() - started)
             pieces.append(event.text)
-            tokens += len(event.token_ids)
+            ids.extend(event.token_ids)
             finish = event.finish_reason or finish
     finally:
         watcher.cancel()
     if gone.is_set():
         state.metrics.errors.labels("client_disconnected").inc()
         return Response(status_code=499)
-    state.metrics.tokens.labels(job.endpoint).inc(tokens)
-    return JSONResponse(job.reply(model, "".join(pieces), finish, tokens))
+    state.metrics.tokens.labels(job.endpoint).inc(len(ids))
+    return JSONResponse(job.reply(model, "".join(pieces), finish, ids))
 
 
 async def _stream(state: _State, job: _Job, model: str) -> AsyncIterator[str]:
@@ -740,8 +768,8 @@ async def _stream(state: _State, job: _Job, model: str) -> AsyncIterator[str]:
                 state.metrics.ttft.labels(job.endpoint).observe(time.monotonic() - started)
                 first = False
             tokens += len(event.token_ids)
-            if event.text or event.finish_reason:
-                yield _sse(job.chunk(model, event.text, event.finish_reason))
+            if event.text or event.finish_reason or event.token_ids:
+                yield _sse(job.chunk(model, event.text, event.finish_reason, ids=event.token_ids))
         state.metrics.tokens.labels(job.endpoint).inc(tokens)
         if job.include_usage:
             yield _sse(job.usage_chunk(model, tokens))
