@@ -383,9 +383,10 @@ class ClassifierConfig(_Strict):
 
 
 class SelectionConfig(_Strict):
-    """Which prompt tokens get corrupted: the user's content, or only keyword spans in it."""
+    """Which prompt tokens get corrupted: the user's content, only keyword spans in it, or the words that
+    make the classifier fire (``salient``: found per prompt by occlusion; the whole content when none is)."""
 
-    mode: Literal["content", "keywords"] = "content"
+    mode: Literal["content", "keywords", "salient"] = "content"
     keywords: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -574,6 +575,25 @@ def _check_moved_keys(data: dict[str, Any], file: str, lines: dict[tuple, int]) 
             raise ConfigError(f"{file}:{where}: classifier.training.{key} moved: write it as classifier.decision.{key}")
 
 
+def _union_tag(part: Any) -> bool:
+    """A location part pydantic adds, not a key of the file: a validator, a union member's class or literal."""
+    return isinstance(part, str) and (part.startswith(("function-", "literal[")) or part[:1].isupper())
+
+
+def _relevant_errors(exc: ValidationError) -> list[Any]:
+    """The errors worth reporting: for a value that fits one member of a union (``corruption: {...}`` or
+    ``learned``), not the other member's complaint that it is not that literal."""
+    def other_member(e: Any) -> bool:
+        if not any(_union_tag(p) for p in e["loc"]):
+            return False
+        if e["type"] == "literal_error":  # a mapping was written: the literal member is not what was meant
+            return isinstance(e["input"], dict)
+        return e["type"] in ("model_type", "model_attributes_type", "dict_type") and isinstance(e["input"], str)
+
+    errors = exc.errors()
+    return [e for e in errors if not other_member(e)] or errors
+
+
 def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = None) -> GuardConfig:
     """Validate YAML text; every error names the file, line and field path."""
     try:
@@ -595,13 +615,13 @@ def parse_config(text: str, *, file: str = "<string>", base_dir: Path | None = N
     try:
         cfg = GuardConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # pydantic reports the union member or 'literal_error' detail; keep only keys present in the file
+        errors = _relevant_errors(exc)
+        err = errors[0]
+        loc = tuple(p for p in err["loc"] if not _union_tag(p))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
         raise ConfigError(f"{file}:{_line_for(loc, lines)}: {_dotted(loc)}: {msg}{more}") from None
     return cfg.model_copy(update={"source": Path(file) if file != "<string>" else None})
 
