@@ -97,6 +97,7 @@ class PromptClassifier:
 
     @property
     def decision(self) -> DecisionSettings:
+        """The decision settings in force (the config's ``classifier.decision``, or the saved ones)."""
         return self._policy.settings
 
     @decision.setter
