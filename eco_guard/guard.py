@@ -37,7 +37,7 @@ from eco_guard.backends.base import (
 )
 from eco_guard.config import GuardConfig, TopicConfig, load_config
 from eco_guard.errors import EcoGuardError, InputError
-from eco_guard.selection import find_spans, select_mask, token_mask
+from eco_guard.selection import find_spans, salient_spans, select_mask, token_mask
 
 if TYPE_CHECKING:
     from eco_guard.classifier import Classification, PromptClassifier
@@ -376,8 +376,10 @@ class Guard:
             return self._answer(Decision(False, None, head.score, "fallback", **common), messages, prompt, None, settings)
         lead = head if head.flagged else max((v for v in passage_verdicts if v.flagged), key=lambda v: v.score)
         topic = self.config.topic(lead.topic) if lead.topic else self.config.topics[0]
-        spans = (list(prompt.user_spans) if head.flagged else []) + find_spans(prompt.text, corrupt_passages)
-        plan = self._corruption(prompt, topic, spans)
+        user = list(prompt.user_spans) if head.flagged else []
+        if head.flagged and self._corruptions[topic.name][1].mode == "salient":
+            user = self._salient(request.question, topic.name, head, prompt) or user  # none found: all content
+        plan = self._corruption(prompt, topic, user + find_spans(prompt.text, corrupt_passages))
         decision = Decision(True, topic.name, lead.score, "corrupted", plan.n_tokens, **common)
         return self._answer(decision, messages, prompt, plan, settings)
 
@@ -444,6 +446,19 @@ class Guard:
     def corruption_of(self, topic: str) -> tuple[CorruptionSpec, SelectionConfig]:
         """The corruption and token selection a topic's flagged prompts get (a learned one resolved)."""
         return self._corruptions[topic]
+
+    def _salient(self, question: str, topic: str, verdict: Classification, prompt: PreparedPrompt) -> list[tuple[int, int]]:
+        """The question's salient words (:func:`~eco_guard.selection.salient_spans`) where the prompt has them."""
+        if self.classifier is None or not prompt.user_spans:
+            return []
+        terms = [verdict.terms[topic]] if topic in verdict.terms else []
+        try:
+            spans = salient_spans(question, topic, self.classifier.score, terms)
+        except Exception:  # noqa: BLE001 - attribution is best effort: the whole content is corrupted instead
+            return []
+        # prepare() located the stripped content; the question's words shift by where it starts
+        shift = prompt.user_spans[0][0] - (len(question) - len(question.lstrip()))
+        return [(s + shift, e + shift) for s, e in spans]
 
     def _corruption(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
         spec, selection = self._corruptions[topic.name]

@@ -7,7 +7,11 @@ them only costs fluency.
 
 - ``content`` (default): every token of the last user message's content;
 - ``keywords``: only tokens overlapping a configured keyword (case-insensitive)
-  inside that content — e.g. an author's name, as the ECO paper does for TOFU.
+  inside that content — e.g. an author's name, as the ECO paper does for TOFU;
+- ``salient``: only the words that make the classifier flag the prompt (:func:`salient_spans`:
+  the words whose removal lowers the topic's logit most, plus its matched terms), found per
+  flagged prompt; words are character spans, so the classifier's WordPiece and the chat
+  model's BPE never need to agree.
 
 Example:
     >>> offsets = [(0, 5), (5, 9), (9, 16)]           # "<|u|>Who Potter"
@@ -19,14 +23,20 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 
 from eco_guard.config import SelectionConfig
 from eco_guard.classifier.lexicon import term_pattern
 
 Span = tuple[int, int]
 
-__all__ = ["Span", "find_spans", "keyword_spans", "select_mask", "token_mask"]
+__all__ = ["Span", "find_spans", "keyword_spans", "salient_spans", "select_mask", "token_mask", "word_spans"]
+
+_WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+MIN_LOGIT_DROP = 1.0  # a word whose removal moves the topic's logit less than this is not what fired it
+RELATIVE_DROP = 0.5  # words within this share of the largest drop count as salient too
 
 
 def token_mask(offsets: Sequence[Span], spans: Sequence[Span]) -> list[bool]:
@@ -62,6 +72,43 @@ def keyword_spans(text: str, keywords: Sequence[str], within: Sequence[Span]) ->
         for start, end in within
         for m in pattern.finditer(text, start, end)
     ]
+
+
+def word_spans(text: str) -> list[Span]:
+    """Character spans of the words of ``text`` (letters and digits of any script; inner ' and - kept)."""
+    return [(m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def salient_spans(text: str, topic: str, score: Callable[[list[str]], list[dict[str, float]]],
+                  terms: Sequence[str] = ()) -> list[Span]:
+    """The words of ``text`` that make the classifier see ``topic``, by occlusion in one batched call.
+
+    Each word is removed in turn; the words whose removal lowers the topic's logit most (at least
+    :data:`MIN_LOGIT_DROP`, and at least :data:`RELATIVE_DROP` of the largest drop) are salient, and
+    so is every occurrence of a matched topic term. Logits, not probabilities: a saturated 0.9999
+    still tells which word carried it.
+
+    Example:
+        >>> score = lambda texts: [{"t": 0.99 if "Hogwarts" in x else 0.01} for x in texts]
+        >>> text = "Where is Hogwarts?"
+        >>> [text[s:e] for s, e in salient_spans(text, "t", score)]
+        ['Hogwarts']
+    """
+    words = word_spans(text)
+    if not words:
+        return []
+    scored = score([text] + [text[:s] + text[e:] for s, e in words])
+    full, occluded = _logit(scored[0][topic]), [_logit(row[topic]) for row in scored[1:]]
+    drops = [full - o for o in occluded]
+    top = max(drops)
+    picked = {w for w, d in zip(words, drops) if top >= MIN_LOGIT_DROP and d >= RELATIVE_DROP * top}
+    picked.update(keyword_spans(text, [t for t in terms if t], [(0, len(text))]))
+    return sorted(picked)
+
+
+def _logit(p: float) -> float:
+    p = min(max(float(p), 1e-9), 1 - 1e-9)
+    return math.log(p / (1 - p))
 
 
 def select_mask(

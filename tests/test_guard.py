@@ -38,6 +38,10 @@ class KeywordClassifier:
             out.append(Classification(flagged, top if flagged else None, scores[top], scores))
         return out
 
+    def score(self, texts):
+        return [{t: 0.99 if any(w in text.lower() for w in ws) else 0.01 for t, ws in self.words.items()}
+                for text in texts]
+
 
 class BrokenClassifier:
     def classify(self, texts):

@@ -7,6 +7,7 @@ a unique marker in place of the last user message, which locates that message's 
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 
@@ -215,3 +216,67 @@ def test_keywords_match_whole_words_like_topic_terms():
     text = "Potter's wheel, pottery, HarryPotter and a potter"
     spans = keyword_spans(text, ["potter", "harry potter"], [(0, len(text))])
     assert [text[s:e] for s, e in spans] == ["Potter's", "HarryPotter", "potter"]
+
+
+# ---------------------------------------------------------------- salient: occlusion of the classifier
+
+def fake_score(texts):
+    """A classifier double: the topic's probability rises with each topic word in the text."""
+    words = ("hogwarts", "dumbledore", "wizard")
+    return [{"hp": 1 / (1 + math.exp(4 - 4 * sum(w in t.lower() for w in words)))} for t in texts]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Who is the headmaster of Hogwarts?", ["Hogwarts"]),
+    ("¿Quién dirige Hogwarts, según Dumbledore?", ["Hogwarts", "Dumbledore"]),
+    ("Hogwarts's wizard-in-chief… who?", ["Hogwarts's", "wizard-in-chief"]),
+])
+def test_salient_picks_topic_words_not_function_words(text, expected):
+    spans = selection.salient_spans(text, "hp", fake_score)
+    assert [text[s:e] for s, e in spans] == expected
+
+
+def test_salient_adds_matched_terms_and_finds_nothing_in_neutral_text():
+    text = "Tell me about the boy who lived, Harry."
+    assert selection.salient_spans("What is bread?", "hp", fake_score) == []
+    assert [text[s:e] for s, e in selection.salient_spans(text, "hp", fake_score, ["harry"])] == ["Harry"]
+
+
+def test_salient_words_map_onto_the_chat_models_bpe_tokens(tiny_backend):
+    from test_guard import make_guard
+
+    guard = make_guard(tiny_backend, selection="{mode: salient}")
+    for prompt, word in [("Tell me about the wizard school", "wizard"),
+                         ("Où est l'école — Hogwarts, señor ?", "Hogwarts")]:
+        answer = guard.plan(prompt)
+        assert answer.route == "corrupted"
+        assert "".join(answer.corrupted_pieces()).strip() == word  # every token of the word, nothing else
+        prompt_text = answer.prompt.text
+        picked = [answer.prompt.offsets[i] for i, m in enumerate(answer.corruption.mask) if m]
+        assert prompt_text[picked[0][0]:picked[-1][1]].strip() == word
+
+
+def test_salient_falls_back_to_the_whole_content_when_attribution_finds_nothing(tiny_backend):
+    from test_guard import KeywordClassifier, make_guard
+
+    class Flat(KeywordClassifier):
+        def score(self, texts):
+            return [{"wizards": 0.6, "space": 0.0} for _ in texts]  # no word matters
+
+    guard = make_guard(tiny_backend, classifier=Flat(), selection="{mode: salient}")
+    answer = guard.plan("Tell me about the wizard school")
+    assert answer.route == "corrupted"
+    assert list(answer.corruption.mask) == token_mask(answer.prompt.offsets, answer.prompt.user_spans)
+
+
+@pytest.mark.integration
+def test_salient_on_the_real_demo_classifier(real_backend):
+    from eco_guard.langchain import shared_guard
+
+    demo = shared_guard(None)
+    guard = demo.with_corruption("harry_potter", demo.corruption_of("harry_potter")[0],
+                                 SelectionConfig(mode="salient"))
+    answer = guard.plan("Who is Hermione Granger's best friend at school?")
+    pieces = "".join(answer.corrupted_pieces())
+    assert answer.route == "corrupted" and "Herm" in pieces
+    assert "Who" not in pieces and "best" not in pieces and "school" not in pieces
