@@ -435,7 +435,7 @@ class _Job:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        if self.token_ids and not first:
+        if self.token_ids:
             choice["token_ids"] = ids or []
         head = self._head(model, obj) if first else {k: v for k, v in self._head(model, obj).items()
                                                       if k != "eco_guard"}

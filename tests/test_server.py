@@ -235,6 +235,22 @@ def test_prompt_embeds_need_the_switch_and_valid_base64(tiny_guard, tiny_server,
     assert tiny_server.post("/v1/completions", penalty).json()["error"]["param"] == "presence_penalty"
 
 
+def test_token_id_prompts_are_raw_completions_behind_the_same_switch(tiny_server, tiny_guard, tiny_backend):
+    prompt = tiny_guard.plan(PLAIN).prompt
+    local = tiny_backend.generate([prompt], params=GenerationParams(max_new_tokens=6))[0]
+    body = {"model": tiny_guard.model_name, "prompt": list(prompt.input_ids), "max_tokens": 6,
+            "return_token_ids": True}
+    r = tiny_server.post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == local.text and r.json()["choices"][0]["token_ids"] == local.token_ids
+    streamed = _events(tiny_server.post("/v1/completions", {**body, "stream": True}))[:-1]
+    assert [t for e in streamed for t in e["choices"][0]["token_ids"]] == local.token_ids
+    out_of_range = tiny_server.post("/v1/completions", {**body, "prompt": [10**9]})
+    assert out_of_range.status_code == 400 and out_of_range.json()["error"]["param"] == "prompt"
+    with Served(tiny_guard) as served:
+        assert served.post("/v1/completions", body).json()["error"]["code"] == "prompt_embeds_disabled"
+
+
 # ---------------------------------------------------------------- auth, limits, errors
 
 def test_bearer_token_is_required_when_configured(tiny_guard, monkeypatch):
