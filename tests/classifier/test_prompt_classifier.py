@@ -43,10 +43,13 @@ def test_terms_flag_on_their_own_keep_the_models_probability_and_are_saved(tiny_
     assert clf.metadata["data_hash"] != plain.metadata["data_hash"]
 
 
-def test_the_hold_out_fnr_counts_a_term_as_support(tiny_encoder):
+def test_the_hold_out_fnr_counts_a_term_as_support(tiny_encoder, tiny_classifier):
+    assert tiny_classifier.metadata["calibration"]["space"]["holdout_fnr"] > 0  # the tiny model alone misses some
     clf = train(tiny_encoder, terms={"space": ["starship"]})  # every space prompt names it
-    assert clf.metadata["calibration"]["space"]["holdout_fnr"] == 0.0
-    assert all(s == 1.0 for s in clf._calibration["positives"]["space"])
+    report = clf.metadata["calibration"]["space"]
+    assert report["n_holdout_positives"] > 0 and report["holdout_fnr"] == 0.0
+    held_out = POS["space"][:2]  # whichever were held out: each names the term
+    assert all(v.score == 1.0 and v.topic == "space" for v in clf.classify(held_out))
     assert support({"space": 0.1, "wizards": 0.2}, {"space": "starship"}) == {"space": 1.0, "wizards": 0.2}
 
 
