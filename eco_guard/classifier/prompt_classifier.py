@@ -102,10 +102,7 @@ class PromptClassifier:
 
     @decision.setter
     def decision(self, settings: DecisionSettings) -> None:
-        window = int(self.metadata["window_tokens"])
-        if settings.window_stride > window:
-            raise ConfigError(f"classifier.decision.window_stride: {settings.window_stride} exceeds the "
-                              f"classifier's window_tokens {window}; windows would skip text")
+        _check_stride(settings, int(self.metadata["window_tokens"]))
         floor_moved = settings.min_threshold != self._policy.settings.min_threshold
         self._policy = DecisionPolicy(settings)
         self.metadata["decision"] = settings.model_dump()
@@ -154,6 +151,7 @@ class PromptClassifier:
         """
         s = TrainingSettings.parse(settings)
         d = DecisionSettings.parse(decision)
+        _check_stride(d, s.window_tokens)  # before the training it would waste
         terms = {t: list(dict.fromkeys((terms or {}).get(t, []))) for t in positives}
         weak_terms = {t: list(dict.fromkeys((weak_terms or {}).get(t, []))) for t in positives}
         st, net = load_encoder(encoder, len(positives))
@@ -328,6 +326,12 @@ def _saved_decision(metadata: Mapping[str, Any]) -> DecisionSettings:
     if "window_stride" in metadata:
         legacy.setdefault("window_stride", metadata["window_stride"])
     return DecisionSettings.parse({**legacy, **metadata.get("decision", {})})
+
+
+def _check_stride(decision: DecisionSettings, window_tokens: int) -> None:
+    if decision.window_stride > window_tokens:
+        raise ConfigError(f"classifier.decision.window_stride: {decision.window_stride} exceeds the "
+                          f"classifier's window_tokens {window_tokens}; windows would skip text")
 
 
 def _normalized(texts: Sequence[str]) -> list[str]:
