@@ -1,10 +1,13 @@
 """OpenAI-compatible HTTP face of the guard (FastAPI + uvicorn), with Prometheus metrics.
 
 Every chat and text completion goes through :meth:`Guard.plan`: the route is decided before the first
-token, so a flagged request streams only corrupted generation. ``/v1/completions`` also takes vLLM's
-``prompt_embeds`` (base64 of a ``torch.save``d dense ``(seq_len, hidden)`` tensor) when
-``enable_prompt_embeds`` is on: the caller sent embeddings, not text, so nothing is classified (that is
-the guard's own remote backend talking to its generation server; keep it off for untrusted callers).
+token, so a flagged request streams only corrupted generation. A text ``prompt`` on ``/v1/completions`` is
+the user's message (classified, and rendered through the chat template like a one-message chat).
+
+With ``enable_prompt_embeds`` on, ``/v1/completions`` also takes what vLLM takes from a caller that rendered
+the prompt itself: ``prompt_embeds`` (base64 of a ``torch.save``d dense ``(seq_len, hidden)`` tensor) and
+token-id prompts. No template is applied and nothing is classified (there may be no text at all): that is a
+guard's remote backend talking to its generation server, so keep it off wherever untrusted callers can reach.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /healthz``,
 ``GET /metrics``. Every failure is a JSON error in OpenAI's shape ``{"error": {message, type, param, code}}``.
@@ -561,6 +564,13 @@ def create_app(guard: Guard, settings: ServerSettings | None = None) -> FastAPI:
     app = FastAPI(title="eco-guard", version=_version(), lifespan=lifespan)
     app.state.eco = state
     app.add_middleware(_Gate, state=state)
+    _add_error_handlers(app, metrics)
+    _add_routes(app, state)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: _Metrics) -> None:
+    """Every failure as OpenAI's error shape, counted by kind; the server stays up."""
 
     def failed(err: ApiError) -> JSONResponse:
         metrics.errors.labels(err.kind).inc()
@@ -593,6 +603,10 @@ def create_app(guard: Guard, settings: ServerSettings | None = None) -> FastAPI:
     async def on_crash(_: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error while serving a request", exc_info=exc)
         return failed(ApiError(500, "internal server error", type="server_error", code="internal_error"))
+
+
+def _add_routes(app: FastAPI, state: _State) -> None:
+    guard, settings, metrics = state.guard, state.settings, state.metrics
 
     def authorise(request: Request) -> None:
         if state.token is None:
@@ -635,8 +649,6 @@ def create_app(guard: Guard, settings: ServerSettings | None = None) -> FastAPI:
         prompt = _single(body.prompt, "prompt")
         return await _run(state, request, body, "/v1/completions", "text",
                           lambda: _planned(state, guard.aplan(prompt, **params)))
-
-    return app
 
 
 def _version() -> str:

@@ -117,6 +117,19 @@ def test_chat_replies_equal_the_guard_and_hide_the_decision(tiny_server, tiny_gu
                                  "total_tokens": len(answer.prompt) + len(expected.generation.token_ids)}
 
 
+def test_a_blocked_request_gets_the_fixed_reply_and_no_generation(tiny_backend):
+    from test_guard import BrokenClassifier
+
+    from eco_guard.guard import BLOCKED_REPLY
+
+    with Served(make_guard(tiny_backend, classifier=BrokenClassifier(), policy="block")) as served:
+        body = served.chat(FLAGGED).json()
+        assert body["choices"][0]["message"]["content"] == BLOCKED_REPLY and "eco_guard" not in body
+        assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        streamed = _events(served.chat(FLAGGED, stream=True))
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed[:-1]) == BLOCKED_REPLY
+
+
 def test_decision_is_exposed_only_when_configured(tiny_guard):
     with Served(tiny_guard, expose_decision=True) as served:
         body = served.chat(FLAGGED).json()
