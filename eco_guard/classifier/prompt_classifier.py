@@ -32,6 +32,7 @@ from eco_guard.classifier.encoder import Encoder, load_encoder
 from eco_guard.classifier.lexicon import Lexicon, english_words
 from eco_guard.classifier.normalize import normalize_text
 from eco_guard.classifier.persistence import (
+    FORMAT_VERSION,
     folder_lock,
     is_saved,
     read_folder,
@@ -162,7 +163,7 @@ class PromptClassifier:
         result = fit(net, windows, positives, negatives, s, progress=progress, terms=terms,
                      contrast_terms=contrast_terms, train_only_positives=extra_pos, train_only_negatives=extra_neg)
         metadata = {
-            "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
+            "format_version": FORMAT_VERSION, "encoder": encoder, "pooling": net.pooling, "normalize": net.normalize,
             "window_tokens": s.window_tokens, "quantize": s.quantize, "settings": s.model_dump(),
             "terms": terms, "contrast_terms": contrast_terms, "weak_terms": weak_terms,
             "data_hash": data_hash(positives, negatives, terms, contrast_terms, extra_pos, extra_neg, weak_terms),
