@@ -149,6 +149,7 @@ class _Sampling(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | int | None = None
+    ignore_eos: bool = False  # vLLM's field: decode past end-of-sequence, always max_tokens
 
 
 class ChatMessage(BaseModel):
@@ -223,6 +224,8 @@ def _overrides(body: _Sampling, settings: ServerSettings, default_max: int) -> d
         raise ApiError(400, f"at most {_MAX_STOP} stop sequences are allowed, got {len(stop)}", param="stop")
     if stop:
         out["stop"] = stop
+    if body.ignore_eos:
+        out["ignore_eos"] = True
     return out
 
 
@@ -717,8 +720,11 @@ def _embed_ids(backend: Any, ids: list[int], max_rows: int) -> torch.Tensor:
     prompt = PreparedPrompt("", tuple(ids), ((0, 0),) * len(ids))
     try:
         return backend.embed([prompt])[0][0]
-    except (IndexError, RuntimeError):  # an id outside the vocabulary
+    except IndexError:  # what an embedding lookup raises for an id outside the vocabulary
         raise ApiError(400, "the prompt has a token id outside the model's vocabulary", param="prompt") from None
+    except NotImplementedError:
+        raise ApiError(501, f"this server's backend ({backend.name}) cannot embed token ids", type="server_error",
+                       param="prompt", code="not_implemented") from None
 
 
 async def _run(state: _State, request: Any, body: _Sampling, endpoint: str, kind: Literal["chat", "text"],

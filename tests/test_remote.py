@@ -4,6 +4,7 @@ same, token for token, whether generation runs in-process or behind HTTP; retrie
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -13,6 +14,7 @@ from test_guard import make_guard
 from test_server import FLAGGED, HP, PLAIN, TOKEN, TOKEN_ENV, Served, real_server  # noqa: F401 - a fixture
 
 from eco_guard.backends.base import GenerationParams, PreparedPrompt
+from eco_guard.backends.local import LocalBackend
 from eco_guard.backends.remote import RemoteBackend, RemoteError, read_embedding_matrix
 from eco_guard.errors import ConfigError, InputError
 
@@ -150,6 +152,36 @@ def test_a_stream_is_not_retried_once_it_has_yielded(real_tokenizer, tiny_model)
     assert next(events).text == "a"
     with pytest.raises(RemoteError, match="ended before"):
         next(events)
+
+
+class SlowLocalBackend(LocalBackend):
+    """The tiny Llama, 10 ms per streamed event (time to kill the server mid-stream)."""
+
+    def stream_from_embeds(self, embeds, params=None):
+        for event in super().stream_from_embeds(embeds, params):
+            time.sleep(0.01)
+            yield event
+
+
+def test_a_server_killed_mid_stream_is_a_clear_error_and_a_retry_after_restart_succeeds(
+        tiny_folder, tiny_model, real_tokenizer, tiny_backend):
+    guard = make_guard(SlowLocalBackend(tiny_model, real_tokenizer))
+    first = Served(guard, enable_prompt_embeds=True)
+    port = int(first.url.rsplit(":", 1)[1])
+    remote = RemoteBackend.from_pretrained(first.url, tiny_folder, model=guard.model_name, retries=5,
+                                           backoff_s=0.05)
+    prompt = tiny_backend.prepare([{"role": "user", "content": PLAIN}])
+    params = GenerationParams(max_new_tokens=200, ignore_eos=True)
+    with first:
+        events = remote.stream(prompt, params=params)
+        assert next(events).token_ids
+        first.server.force_exit = first.server.should_exit = True  # killed, not drained
+        with pytest.raises(RemoteError, match="broke mid-completion|ended before"):
+            for _ in events:
+                pass
+    with Served(guard, port=port, enable_prompt_embeds=True):
+        small = GenerationParams(max_new_tokens=6)
+        assert remote.generate([prompt], params=small)[0].text == tiny_backend.generate([prompt], params=small)[0].text
 
 
 def test_an_unreachable_server_is_a_clear_error(tiny_folder):

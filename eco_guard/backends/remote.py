@@ -385,7 +385,8 @@ def _event(line: str, url: str) -> StreamEvent | None | bool:
     if not payload.get("choices"):
         return None  # the usage chunk
     choice = payload["choices"][0]
-    return StreamEvent(choice.get("text") or "", list(choice.get("token_ids") or []), choice.get("finish_reason"))
+    event = StreamEvent(choice.get("text") or "", list(choice.get("token_ids") or []), choice.get("finish_reason"))
+    return event if event.text or event.token_ids or event.finish_reason else None  # e.g. a leading empty chunk
 
 
 def _events(lines: Iterator[str], url: str) -> Iterator[StreamEvent]:
