@@ -44,9 +44,10 @@ def remote(served, tiny_folder):
     backend.close()
 
 
-def test_only_the_embedding_matrix_is_read(tiny_folder, tiny_model):
+def test_only_the_embedding_matrix_is_read(tiny_folder, tiny_model, tiny_backend, remote):
     matrix = read_embedding_matrix(tiny_folder)
     assert torch.equal(matrix, tiny_model.get_input_embeddings().weight)
+    assert remote.fingerprint() == tiny_backend.fingerprint()  # a learned corruption's store entry matches
     head = read_embedding_matrix(tiny_folder, "lm_head.weight")  # same shape, named explicitly
     assert torch.equal(head, tiny_model.lm_head.weight)
 

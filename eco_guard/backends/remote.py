@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import os
@@ -153,6 +154,7 @@ class RemoteBackend(Backend):
         self._aclients: weakref.WeakKeyDictionary[Any, httpx.AsyncClient] = weakref.WeakKeyDictionary()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self._max_token_bytes = _max_token_bytes(tokenizer)
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_pretrained(cls, url: str, path: str | os.PathLike[str] = "default", *, model: str | None = None,
@@ -190,6 +192,14 @@ class RemoteBackend(Backend):
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of the embedding matrix, as :meth:`LocalBackend.fingerprint` computes it: a
+        corruption learned on the local model is found in the store for the same model served remotely."""
+        if self._fingerprint is None:
+            weights = self.embedding.detach().to(torch.float32).contiguous()
+            self._fingerprint = "sha256:" + hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+        return self._fingerprint
 
     def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt embeddings ``(batch, seq, dim)`` looked up in the local matrix, and the mask."""
