@@ -11,6 +11,9 @@ guard's remote backend talking to its generation server, so keep it off wherever
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /healthz``,
 ``GET /metrics``. Every failure is a JSON error in OpenAI's shape ``{"error": {message, type, param, code}}``.
+Replies carry no decision unless ``expose_decision`` is on. ``/metrics`` counts routes per topic, so a caller
+who can read it before and after a request learns whether that request was flagged: with ``api_key_env`` set it
+needs the token like ``/v1/*``; without auth, keep the port away from callers (only ``/healthz`` is always open).
 
 Example:
     >>> settings = ServerSettings(max_tokens_cap=256)
