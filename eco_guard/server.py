@@ -93,7 +93,8 @@ class ServerSettings(BaseModel):
     max_concurrency: int = Field(1, gt=0, description="generations running at once (worker threads)")
     max_queue: int = Field(16, gt=0, description="requests admitted at once, running or waiting; more get 429")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
-    request_timeout_s: float = Field(120.0, gt=0, description="a completion still running after this gets 504")
+    request_timeout_s: float = Field(120.0, gt=0, description="a completion still running after this stops: "
+                                     "a 504, or an error event ending a stream")
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests "
                                     "may take to finish while new ones get 503")
 
