@@ -2,9 +2,13 @@
 
 Corruption goes through ``inputs_embeds`` (never forward hooks): the prompt is
 embedded, a *copy* is corrupted for the rows that need it, and decoding runs
-from those embeddings. Generated tokens are never corrupted. Decoding is our own
-small loop over a KV cache so that every request owns its random generator
-(sampling is reproducible and thread-safe) and streaming is a plain iterator.
+from those embeddings. Generated tokens are never corrupted. Embedding and
+corruption are always float32 (from a float32 copy of the embedding matrix), cast
+to the weights' precision only when decoding starts, so a bfloat16 model sees the
+float32 path's corrupted prompt rounded once. Decoding is our own loop
+(:mod:`eco_guard.backends.batching`): concurrent requests decode together in one
+running batch over a preallocated KV cache, each with its own random generator
+(sampling is reproducible and thread-safe), and streaming is a plain iterator.
 
 Example:
     >>> backend = LocalBackend.from_pretrained("default")  # doctest: +SKIP
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import json
 import os
 import shutil
@@ -38,8 +41,11 @@ from eco_guard.backends.base import (
     PreparedPrompt,
     StreamEvent,
 )
+from eco_guard.backends.batching import DEFAULT_MAX_BATCH, DecodeRequest, DecodeScheduler
+from eco_guard.backends.packing import pack_linears
 from eco_guard.config import default_cache_dir
 from eco_guard.errors import ConfigError, InputError
+from eco_guard.precision import resolved_precision
 
 __all__ = ["LocalBackend", "default_gguf_path", "model_display_name", "resolve_model_dir"]
 
@@ -172,17 +178,21 @@ class _RowText:
 
 # ---------------------------------------------------------------- backend
 
-_LOADED: dict[tuple[str, str], tuple[Any, Any]] = {}
+_LOADED: dict[tuple[str, str], tuple[Any, Any, torch.Tensor]] = {}
 _LOAD_LOCK = threading.Lock()
 
 
 class LocalBackend(Backend):
     """A local causal LM that generates from (optionally corrupted) prompt embeddings.
 
-    The model is only read during generation, so one backend serves many threads.
+    The model is only read during generation, so one backend serves many threads; their requests
+    decode together (up to ``max_batch`` rows). ``embedding`` is the float32 token-embedding matrix
+    prompts are embedded and corrupted with (default: the model's own, as float32).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, system_prompt: str | None = None, max_input_tokens: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, *, system_prompt: str | None = None,
+                 max_input_tokens: int | None = None, embedding: torch.Tensor | None = None,
+                 max_batch: int = DEFAULT_MAX_BATCH):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -197,8 +207,10 @@ class LocalBackend(Backend):
         self.name = getattr(model.config, "_name_or_path", "") or model.config.model_type
         self._max_token_bytes = _max_token_bytes(tokenizer)
         self._fingerprint: str | None = None
-        # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        if embedding is None:
+            embedding = model.get_input_embeddings().weight.detach().to(torch.float32)
+        self._embedding = embedding
+        self._scheduler = DecodeScheduler(model, pad_id=self.pad_id, eos_ids=eos_ids, max_batch=max_batch)
 
     @classmethod
     def from_pretrained(
@@ -214,18 +226,30 @@ class LocalBackend(Backend):
 
         Loaded weights are shared between backends of the same folder and dtype
         (they are never written to), so building several guards costs one copy.
+        ``dtype`` is ``auto`` (bfloat16 where the CPU has native bf16 kernels, else float32),
+        ``float32``, ``bfloat16`` or ``float16``; a reduced precision keeps a float32 copy of the
+        embedding matrix for exact corruption, and bfloat16 linear layers are packed for oneDNN.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        dtype = resolved_precision(dtype)
+        if dtype not in _DTYPES:
+            raise ConfigError(f"model.dtype: {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
         folder = resolve_model_dir(path, cache_dir)
         key = (str(folder.resolve()), dtype)
         with _LOAD_LOCK:
             if key not in _LOADED:
                 tokenizer = AutoTokenizer.from_pretrained(folder)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=_DTYPES[dtype])
-                _LOADED[key] = (model.eval(), tokenizer)
-            model, tokenizer = _LOADED[key]
-        backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                embedding = model.get_input_embeddings().weight.detach()
+                if dtype != "float32":
+                    embedding = embedding.clone()
+                    model = model.to(_DTYPES[dtype])
+                    pack_linears(model)
+                _LOADED[key] = (model, tokenizer, embedding)
+            model, tokenizer, embedding = _LOADED[key]
+        backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,
+                      embedding=embedding)
         backend.name = model_display_name(path)
         return backend
 
@@ -287,8 +311,13 @@ class LocalBackend(Backend):
                 raise InputError(f"the prompt is more than {n - 1} tokens long; this model accepts at most "
                                  f"{self.max_input_tokens}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' precision (what decoding runs in; embeddings and corruption are float32)."""
+        return self._embedding.dtype if self.model.dtype is None else self.model.dtype
+
     def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt embeddings ``(batch, seq, dim)`` and the attention mask."""
+        """Left-padded float32 prompt embeddings ``(batch, seq, dim)`` and the attention mask."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -296,7 +325,7 @@ class LocalBackend(Backend):
             ids[row, width - len(p):] = torch.tensor(p.input_ids)
             attn[row, width - len(p):] = 1
         with torch.no_grad():  # not inference_mode: callers corrupt rows of this tensor in place
-            embeds = self.model.get_input_embeddings()(ids)
+            embeds = torch.nn.functional.embedding(ids, self._embedding)
         return embeds, attn
 
     def corrupted_embeddings(
@@ -327,8 +356,8 @@ class LocalBackend(Backend):
             return 0.0, 0
         embeds, _ = self.corrupted_embeddings([prompt], [plan])
         with torch.inference_mode():
-            reply = self.model.get_input_embeddings()(torch.tensor([ids]))
-            logits = self.model(inputs_embeds=torch.cat([embeds, reply.to(embeds.dtype)], dim=1)).logits[0]
+            reply = torch.nn.functional.embedding(torch.tensor([ids]), self._embedding)
+            logits = self.model(inputs_embeds=torch.cat([embeds, reply], dim=1).to(self.dtype)).logits[0]
             start = len(prompt) - 1  # the logits at position i predict token i + 1
             logp = torch.log_softmax(logits[start:start + len(ids)].float(), dim=-1)
             picked = logp.gather(1, torch.tensor(ids)[:, None])
@@ -342,95 +371,65 @@ class LocalBackend(Backend):
         plans: Sequence[CorruptionPlan | None] | None = None,
         params: GenerationParams | None = None,
     ) -> list[Generation]:
-        """Generate for a batch of prompts in one decoding loop (left padding)."""
+        """Generate for a batch of prompts; they decode together, with any other requests running."""
         params = params or GenerationParams()
         plans = list(plans) if plans is not None else [None] * len(prompts)
-        rows = [_RowText(self.tokenizer, params.stop) for _ in prompts]
-        for _ in self._decode(prompts, plans, params, rows):
-            pass
+        if not prompts:
+            return []
+        requests = self._submit(prompts, plans, params)
+        for req in requests:
+            for _ in req.results():
+                pass
         return [
-            Generation(r.text, r.tokens, len(p), r.finish_reason, plan.n_tokens if plan else 0)
-            for r, p, plan in zip(rows, prompts, plans)
+            Generation(req.row.text, req.row.tokens, len(p), req.row.finish_reason, plan.n_tokens if plan else 0)
+            for req, p, plan in zip(requests, prompts, plans)
         ]
 
     def stream(
         self, prompt: PreparedPrompt, plan: CorruptionPlan | None = None, params: GenerationParams | None = None
     ) -> Iterator[StreamEvent]:
         """Yield text pieces as they are decoded; the last event has ``finish_reason``."""
-        params = params or GenerationParams()
-        row = _RowText(self.tokenizer, params.stop)
-        for pieces in self._decode([prompt], [plan], params, [row]):
-            token = row.tokens[-1:] if row.tokens else []
-            if pieces[0]:
-                yield StreamEvent(pieces[0], token)
-        yield StreamEvent(row.finish(), [], row.finish_reason)
+        [req] = self._submit([prompt], [plan], params or GenerationParams())
+        yield from _joined(req)
 
     def stream_from_embeds(self, embeds: torch.Tensor, params: GenerationParams | None = None) -> Iterator[StreamEvent]:
         """Decode from caller-supplied prompt embeddings ``(seq, hidden)``: no template, no corruption."""
         params = params or GenerationParams()
-        row, sent = _RowText(self.tokenizer, params.stop), 0
-        batch = embeds.to(self.model.dtype)[None]
-        for pieces in self._decode_embeds(batch, torch.ones(batch.shape[:2], dtype=torch.long), params, [row]):
-            if pieces[0]:
-                yield StreamEvent(pieces[0], row.tokens[sent:])
-                sent = len(row.tokens)
-        yield StreamEvent(row.finish(), row.tokens[sent:], row.finish_reason)
+        req = DecodeRequest(embeds.to(self.dtype), params, _RowText(self.tokenizer, params.stop),
+                            self._generators(params, 1)[0])
+        self._scheduler.submit([req])
+        yield from _joined(req)
 
-    def _decode(
-        self,
-        prompts: Sequence[PreparedPrompt],
-        plans: Sequence[CorruptionPlan | None],
-        params: GenerationParams,
-        rows: list[_RowText],
-    ) -> Iterator[list[str]]:
-        """The decoding loop: prefill from embeddings, then one token per step for every row."""
-        if not prompts:
-            return
+    def _submit(
+        self, prompts: Sequence[PreparedPrompt], plans: Sequence[CorruptionPlan | None], params: GenerationParams
+    ) -> list[DecodeRequest]:
+        """Embed and corrupt (float32), cast to the weights' precision, and queue one request per prompt."""
         embeds, attn = self.corrupted_embeddings(prompts, plans)
-        yield from self._decode_embeds(embeds, attn, params, rows)
-
-    def _decode_embeds(
-        self, embeds: torch.Tensor, attn: torch.Tensor, params: GenerationParams, rows: list[_RowText]
-    ) -> Iterator[list[str]]:
-        from transformers import DynamicCache
-
-        generators = self._generators(params, len(rows))
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        eos_ids = set() if params.ignore_eos else self.eos_ids
-        with torch.inference_mode():
-            out = self.model(inputs_embeds=embeds, attention_mask=attn, position_ids=positions,
-                             use_cache=True, **{self._cache_arg: cache})
-            next_pos = positions[:, -1:] + 1
-            for _ in range(params.max_new_tokens):
-                tokens = self._pick(out.logits[:, -1, :], params, generators)
-                pieces = []
-                for row, token in zip(rows, tokens.tolist()):
-                    pieces.append("" if row.done else row.push(token, eos_ids))
-                yield pieces
-                if all(r.done for r in rows):
-                    return
-                tokens = torch.where(torch.tensor([r.done for r in rows]), self.pad_id, tokens)
-                attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype)], dim=1)
-                out = self.model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
-                                 use_cache=True, **{self._cache_arg: cache})
-                next_pos = next_pos + 1
+        embeds = embeds.to(self.dtype)
+        generators = self._generators(params, len(prompts))
+        requests = [
+            DecodeRequest(embeds[i, attn.shape[1] - len(p):], params, _RowText(self.tokenizer, params.stop), g)
+            for i, (p, g) in enumerate(zip(prompts, generators))
+        ]
+        self._scheduler.submit(requests)
+        return requests
 
     @staticmethod
-    def _generators(params: GenerationParams, n: int) -> list[torch.Generator] | None:
+    def _generators(params: GenerationParams, n: int) -> list[torch.Generator | None]:
+        """One generator per row, seeded ``seed + row`` (a random base without a seed); ``None`` when greedy."""
         if not params.do_sample:
-            return None
+            return [None] * n
         base = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         return [torch.Generator().manual_seed(base + i) for i in range(n)]
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, params: GenerationParams, generators: list[torch.Generator] | None) -> torch.Tensor:
-        if generators is None:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            drop = sorted_probs.cumsum(-1) - sorted_probs > params.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+
+def _joined(req: DecodeRequest) -> Iterator[StreamEvent]:
+    """A request's events with empty pieces folded into the next one (their token ids travel with it)."""
+    pending: list[int] = []
+    for event in req.results():
+        pending += event.token_ids
+        if event.finish_reason is not None:
+            yield StreamEvent(event.text, pending, event.finish_reason)
+        elif event.text:
+            yield StreamEvent(event.text, pending)
+            pending = []

@@ -28,6 +28,7 @@ from eco_guard.classifier.augment import Augmenter, distinctive_names, prose_sen
 from eco_guard.classifier.lexicon import english_words
 from eco_guard.config import TrainingSettings
 from eco_guard.errors import ConfigError, DataError
+from eco_guard.precision import resolved_precision
 
 if TYPE_CHECKING:
     from eco_guard.classifier.encoder import TopicNet, Windows
@@ -110,22 +111,6 @@ def fit(net: TopicNet, windows: Windows, positives: Mapping[str, Sequence[str]],
     losses = _finetune(net, windows, ids, y, s, progress, precision) if s.finetune_encoder and s.epochs else []
     net.eval()
     return FitResult(time.perf_counter() - start, cal_neg, holdout_pos, losses, len(texts), precision)
-
-
-def resolved_precision(precision: str) -> str:
-    """``auto`` resolved for this CPU: bfloat16 where oneDNN has native bf16 kernels.
-
-    Example:
-        >>> resolved_precision("float32")
-        'float32'
-    """
-    if precision != "auto":
-        return precision
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        native = False
-    return "bfloat16" if native else "float32"
 
 
 def _split(items: list[str], fraction: float, rng: random.Random) -> tuple[list[str], list[str]]:
