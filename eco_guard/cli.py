@@ -177,32 +177,55 @@ def _add_suggest_terms(subparsers: Any) -> None:
 
 # ---------------------------------------------------------------- server
 
-def _run_serve(args: argparse.Namespace) -> int:
-    from eco_guard.guard import Guard
-    from eco_guard.server import ServerSettings, serve
+_SERVE_FLAGS = {"host": "--host", "port": "--port", "api_key_env": "--api-key-env",
+                "expose_decision": "--expose-decision", "enable_prompt_embeds": "--enable-prompt-embeds",
+                "max_concurrency": "--max-concurrency", "max_queue": "--max-queue",
+                "max_tokens_cap": "--max-tokens-cap", "request_timeout_s": "--request-timeout"}
 
-    settings = ServerSettings(host=args.host, port=args.port, api_key_env=args.api_key_env,
-                              expose_decision=args.expose_decision, enable_prompt_embeds=args.enable_prompt_embeds,
-                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                              max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout)
+
+def _serve_settings(server: Any, args: argparse.Namespace) -> Any:
+    """The config's ``server:`` block with the flags given on the command line laid over it."""
+    from pydantic import ValidationError
+
+    from eco_guard.config import ServerSettings
+    from eco_guard.errors import ConfigError
+
+    given = {k: getattr(args, k) for k in _SERVE_FLAGS if getattr(args, k) is not None}
+    try:
+        return ServerSettings.model_validate({**server.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else ""
+        raise ConfigError(f"{_SERVE_FLAGS.get(key, key)}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from eco_guard.config import load_config
+    from eco_guard.guard import Guard
+    from eco_guard.server import serve
+
+    cfg = load_config(args.config)
+    settings = _serve_settings(cfg.server, args)
     settings.api_key()  # an unset token variable fails before the model loads
-    serve(Guard.from_config(args.config), settings)
+    serve(Guard.from_config(cfg), settings)
     return 0
 
 
 def _add_serve(subparsers: Any) -> None:
-    sp = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions, metrics)")
+    sp = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (chat and text completions, metrics); "
+                               "the config's server: block, overridden by the flags given")
     sp.add_argument("config", nargs="?", default=None, help="YAML config (default: the embedded demo config)")
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--api-key-env", default=None, help="environment variable holding the bearer token required")
-    sp.add_argument("--expose-decision", action="store_true", help="add the guard's decision to replies")
-    sp.add_argument("--enable-prompt-embeds", action="store_true",
+    sp.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, help="TCP port (default 8000; 0: any free port)")
+    sp.add_argument("--api-key-env", help="environment variable holding the bearer token required")
+    sp.add_argument("--expose-decision", action="store_true", default=None, help="add the guard's decision to replies")
+    sp.add_argument("--enable-prompt-embeds", action="store_true", default=None,
                     help="accept vLLM-style prompt_embeds on /v1/completions (unclassified: trusted callers only)")
-    sp.add_argument("--max-concurrency", type=int, default=1, help="generations running at once")
-    sp.add_argument("--max-queue", type=int, default=16, help="requests admitted at once; more get 429")
-    sp.add_argument("--max-tokens-cap", type=int, default=512, help="largest max_tokens a request may ask for")
-    sp.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a completion gets 504")
+    sp.add_argument("--max-concurrency", type=int, help="generations running at once (default 1)")
+    sp.add_argument("--max-queue", type=int, help="requests admitted at once; more get 429 (default 16)")
+    sp.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask for (default 512)")
+    sp.add_argument("--request-timeout", dest="request_timeout_s", type=float,
+                    help="seconds before a completion gets 504 (default 120)")
     sp.set_defaults(func=_run_serve)
 
 

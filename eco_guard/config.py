@@ -54,6 +54,7 @@ __all__ = [
     "GuardConfig",
     "ModelConfig",
     "SelectionConfig",
+    "ServerSettings",
     "TopicConfig",
     "TrainingSettings",
     "default_cache_dir",
@@ -337,15 +338,62 @@ class DecisionSettings(BaseModel):
         except ValidationError as exc:
             raise _settings_error(cls, exc, where, "decision") from None
 
-class ModelConfig(_Strict):
-    """The local chat model that answers (corrupted or not)."""
+DEFAULT_REMOTE_TIMEOUT_S: Final = 60.0
+DEFAULT_REMOTE_RETRIES: Final = 3
+DEFAULT_REMOTE_BACKOFF_S: Final = 0.5
+_REMOTE_ONLY: Final = ("url", "api_key_env", "served_model", "embedding_key", "timeout_s", "retries", "backoff_s")
 
-    backend: Literal["local"] = "local"
-    path: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF folder or a .gguf file")
+
+class ModelConfig(_Strict):
+    """The chat model that answers (corrupted or not): in this process (``backend: local``), or on a
+    vLLM-style server that accepts ``prompt_embeds`` (``backend: remote``; ``path`` is then a local copy of
+    the served model, read for its tokenizer, chat template and embedding matrix only).
+
+    Example:
+        >>> ModelConfig(backend="remote", url="http://127.0.0.1:8000").retries
+        3
+    """
+
+    backend: Literal["local", "remote"] = Field("local", description=(
+        "'local': generate in this process; 'remote': on the server at 'url' (integrations/vllm/README.md)"))
+    path: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF folder or a .gguf file; "
+                      "with backend: remote, a local copy of the served model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="weights' precision; 'auto': bfloat16 where the CPU has native bf16 kernels, else float32")
     system_prompt: str | None = None
     max_input_tokens: int | None = Field(None, gt=0, description="reject longer prompts; default: the model's context")
+    url: str | None = Field(None, validate_default=True, description=(
+        "backend: remote: the generation server's base URL (http://host:8000; /v1/completions is appended)"))
+    api_key_env: str | None = Field(None, description=(
+        "backend: remote: environment variable holding the generation server's bearer token (unset: none sent)"))
+    served_model: str | None = Field(None, description=(
+        "backend: remote: the model name requests name (default: the only one the server's /v1/models lists)"))
+    embedding_key: str | None = Field(None, description=(
+        "backend: remote: the embedding tensor's name in the safetensors file (default: the one tensor of "
+        "shape (vocab_size, hidden_size), preferring a name with 'embed')"))
+    timeout_s: float = Field(DEFAULT_REMOTE_TIMEOUT_S, gt=0, description="backend: remote: seconds per request")
+    retries: int = Field(DEFAULT_REMOTE_RETRIES, ge=0, le=20, description=(
+        "backend: remote: retries after a connection error, 429 or 5xx (a stream only before its first token)"))
+    backoff_s: float = Field(DEFAULT_REMOTE_BACKOFF_S, ge=0, description=(
+        "backend: remote: the first retry's wait, doubled on each retry (or the server's Retry-After)"))
+
+    @field_validator("url")
+    @classmethod
+    def _url_for_remote(cls, url: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("backend") != "remote":
+            return url
+        if not url:
+            raise ValueError("backend 'remote' needs the generation server's base URL (url: http://host:8000)")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {url!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _remote_fields_need_remote(self) -> ModelConfig:
+        stray = [k for k in _REMOTE_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+        if self.backend == "local" and stray:
+            raise ValueError(f"{', '.join(stray)}: read only with backend: remote (set backend: remote, or drop them)")
+        return self
 
 
 class GenerationConfig(_Strict):
@@ -421,6 +469,51 @@ class TopicConfig(_Strict):
         "the corruption on"))
 
 
+_MIB: Final = 1 << 20
+
+
+class ServerSettings(_Strict):
+    """How ``eco-guard serve`` serves one guard (the config's ``server:`` block; the command's flags override it).
+
+    Example:
+        >>> settings = ServerSettings(max_tokens_cap=256)
+        >>> settings.expose_decision, settings.max_tokens_cap
+        (False, 256)
+    """
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    model_id: str | None = Field(None, description="model name that /v1/models lists and requests must name "
+                                 "(default: the guard's model name)")
+    expose_decision: bool = Field(False, description="add the guard's decision to replies under 'eco_guard' "
+                                  "(off: telling a caller a prompt was flagged is itself a leak)")
+    api_key_env: str | None = Field(None, description="environment variable holding the bearer token "
+                                    "required on /v1/* and /metrics (unset: no auth)")
+    enable_prompt_embeds: bool = Field(False, description="accept vLLM-style prompt_embeds on /v1/completions "
+                                       "(unclassified: for the guard's own remote backend only)")
+    max_body_bytes: int = Field(16 * _MIB, gt=0, description="largest request body; larger gets 413")
+    max_embed_tokens: int = Field(2048, gt=0, description="most rows a prompt_embeds tensor may have "
+                                  "(also capped by the model's max_input_tokens)")
+    max_tokens_cap: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
+    max_concurrency: int = Field(1, gt=0, description="generations running at once (worker threads)")
+    max_queue: int = Field(16, gt=0, description="requests admitted at once, running or waiting; more get 429")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="a completion still running after this stops: "
+                                     "a 504, or an error event ending a stream")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests "
+                                    "may take to finish while new ones get 503")
+
+    def api_key(self) -> str | None:
+        """The bearer token, read from ``api_key_env``; an unset or empty variable is a ``ConfigError``."""
+        if self.api_key_env is None:
+            return None
+        token = os.environ.get(self.api_key_env, "")
+        if not token:
+            raise ConfigError(f"server.api_key_env names {self.api_key_env!r}, which is unset or empty: "
+                              f"export the token there, or drop api_key_env to serve without auth")
+        return token
+
+
 class GuardConfig(_Strict):
     """A whole guard. Paths are absolute once loaded (resolved against the YAML file's folder)."""
 
@@ -432,6 +525,8 @@ class GuardConfig(_Strict):
     on_classifier_error: Literal["flag", "block", "pass"] = "flag"
     rag: Literal["corrupt", "drop"] = "corrupt"
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    server: ServerSettings = Field(default_factory=ServerSettings, description=(
+        "how `eco-guard serve` serves this guard; the command's flags override it"))
     store: Path | None = Field(None, description=(
         "the corruption store that `corruption: learned` topics read (default: <config name>.eco.json beside "
         "the config)"))

@@ -246,9 +246,18 @@ def _resolve_corruptions(config: GuardConfig, backend: Backend,
 
 
 def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> Backend:
+    """The backend ``cfg.model.backend`` names, over ``model`` (for ``remote``: the served model's local copy)."""
+    m = cfg.model
+    if m.backend == "remote":
+        from eco_guard.backends.remote import RemoteBackend
+
+        return RemoteBackend.from_pretrained(
+            m.url, model, model=m.served_model, api_key_env=m.api_key_env, embedding_key=m.embedding_key,
+            system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens, timeout_s=m.timeout_s,
+            retries=m.retries, backoff_s=m.backoff_s,
+        )
     from eco_guard.backends.local import LocalBackend
 
-    m = cfg.model
     return LocalBackend.from_pretrained(
         model, dtype=m.dtype, system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens
     )

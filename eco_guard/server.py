@@ -16,7 +16,7 @@ who can read it before and after a request learns whether that request was flagg
 needs the token like ``/v1/*``; without auth, keep the port away from callers (only ``/healthz`` is always open).
 
 Example:
-    >>> settings = ServerSettings(max_tokens_cap=256)
+    >>> settings = ServerSettings(max_tokens_cap=256)    # the config's ``server:`` block (eco_guard.config)
     >>> settings.expose_decision, settings.max_tokens_cap
     (False, 256)
     >>> app = create_app(Guard.from_config(), settings)          # doctest: +SKIP
@@ -32,7 +32,6 @@ import contextlib
 import hmac
 import io
 import logging
-import os
 import threading
 import time
 import uuid
@@ -51,7 +50,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from eco_guard.backends.base import PreparedPrompt, StreamEvent
-from eco_guard.errors import ConfigError, InputError
+from eco_guard.config import ServerSettings
+from eco_guard.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -62,51 +62,12 @@ __all__ = ["ServerSettings", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
-_MIB: Final = 1 << 20
 _EMBED_DTYPES: Final = ("float32", "float16", "bfloat16")
 _REFUSED_PENALTIES: Final = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 _MAX_STOP: Final = 4
 _LATENCY_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 _TTFT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16)
 _ROUTES: Final = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics")
-
-
-class ServerSettings(BaseModel):
-    """How the HTTP face serves one guard (limits, auth, what callers see)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
-    model_id: str | None = Field(None, description="model name that /v1/models lists and requests must name "
-                                 "(default: the guard's model name)")
-    expose_decision: bool = Field(False, description="add the guard's decision to replies under 'eco_guard' "
-                                  "(off: telling a caller a prompt was flagged is itself a leak)")
-    api_key_env: str | None = Field(None, description="environment variable holding the bearer token "
-                                    "required on /v1/* and /metrics (unset: no auth)")
-    enable_prompt_embeds: bool = Field(False, description="accept vLLM-style prompt_embeds on /v1/completions "
-                                       "(unclassified: for the guard's own remote backend only)")
-    max_body_bytes: int = Field(16 * _MIB, gt=0, description="largest request body; larger gets 413")
-    max_embed_tokens: int = Field(2048, gt=0, description="most rows a prompt_embeds tensor may have "
-                                  "(also capped by the model's max_input_tokens)")
-    max_tokens_cap: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
-    max_concurrency: int = Field(1, gt=0, description="generations running at once (worker threads)")
-    max_queue: int = Field(16, gt=0, description="requests admitted at once, running or waiting; more get 429")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
-    request_timeout_s: float = Field(120.0, gt=0, description="a completion still running after this stops: "
-                                     "a 504, or an error event ending a stream")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight requests "
-                                    "may take to finish while new ones get 503")
-
-    def api_key(self) -> str | None:
-        """The bearer token, read from ``api_key_env``; an unset or empty variable is a ``ConfigError``."""
-        if self.api_key_env is None:
-            return None
-        token = os.environ.get(self.api_key_env, "")
-        if not token:
-            raise ConfigError(f"server.api_key_env names {self.api_key_env!r}, which is unset or empty: "
-                              f"export the token there, or drop api_key_env to serve without auth")
-        return token
 
 
 # ---------------------------------------------------------------- errors

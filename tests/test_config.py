@@ -384,3 +384,62 @@ def test_corruption_spec_is_config_schema_re_exported_by_the_corruptions():
     assert set(BUILTIN_CORRUPTIONS) <= set(corruption.CORRUPTORS) and len(BUILTIN_CORRUPTIONS) == 14
     result = doctest.testmod(config_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------ model backends and the server block
+
+REMOTE = """\
+model:
+  backend: remote
+  url: http://127.0.0.1:8000
+  path: ./served-model-copy
+  served_model: HuggingFaceTB/SmolLM2-135M-Instruct
+  api_key_env: VLLM_TOKEN
+  retries: 1
+server: {port: 9000, expose_decision: true, max_queue: 4}
+topics: [{name: a}]
+"""
+
+
+def test_remote_model_block_and_server_block(tmp_path):
+    cfg = load_config(_write(tmp_path / "guard.yaml", REMOTE))
+    m = cfg.model
+    assert (m.backend, m.url, m.served_model, m.api_key_env, m.retries) == (
+        "remote", "http://127.0.0.1:8000", "HuggingFaceTB/SmolLM2-135M-Instruct", "VLLM_TOKEN", 1)
+    assert m.path == str(tmp_path / "served-model-copy")  # the local copy resolves against the YAML like any path
+    assert (cfg.server.port, cfg.server.expose_decision, cfg.server.max_queue) == (9000, True, 4)
+    defaults = parse_config("topics: [{name: a}]\n")
+    assert defaults.model.backend == "local" and defaults.server.expose_decision is False  # hidden by default
+
+
+BROKEN_BLOCKS = [
+    ("remote-without-url", edit("  url: http://127.0.0.1:8000\n", "", REMOTE), ("backend: remote", 1), "model.url",
+     ["backend 'remote' needs", "url: http://host:8000"]),
+    ("remote-url-not-http", edit("http://127.0.0.1:8000", "127.0.0.1:8000", REMOTE), ("url:", 1), "model.url",
+     ["http://"]),
+    ("local-with-remote-fields", edit("  backend: remote\n", "", REMOTE), ("url:", 1), "model",
+     ["url, api_key_env, served_model, retries", "backend: remote"]),
+    ("unknown-backend", edit("backend: remote", "backend: vllm", REMOTE), ("backend: vllm", 1), "model.backend",
+     ["'local'", "'remote'"]),
+    ("unknown-server-key", edit("max_queue: 4}", "max_queue: 4, workers: 2}", REMOTE), ("server:", 1),
+     "server.workers", ["unknown key"]),
+    ("server-port-out-of-range", edit("port: 9000", "port: 70000", REMOTE), ("server:", 1), "server.port",
+     ["65535"]),
+]
+
+
+@pytest.mark.parametrize(("text", "marker", "field", "words"), [c[1:] for c in BROKEN_BLOCKS],
+                         ids=[c[0] for c in BROKEN_BLOCKS])
+def test_broken_model_and_server_blocks_name_the_field(tmp_path, text, marker, field, words):
+    msg = config_error(text, tmp_path)
+    assert msg.startswith(f"{tmp_path / 'guard.yaml'}:{line_of(text, *marker)}: {field}: "), msg
+    for word in words:
+        assert word in msg, msg
+
+
+def test_loading_a_remote_config_imports_no_model_code(tmp_path):
+    path = _write(tmp_path / "guard.yaml", REMOTE)
+    code = (f"import sys; from eco_guard.config import load_config; load_config({str(path)!r}); "
+            "print([m for m in ('torch', 'transformers', 'httpx', 'fastapi') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr

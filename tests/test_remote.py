@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save_model
-from test_guard import make_guard
+from test_guard import CONFIG, KeywordClassifier, make_guard
 from test_server import FLAGGED, HP, PLAIN, TOKEN, TOKEN_ENV, Served, real_server  # noqa: F401 - a fixture
 
 from eco_guard.backends.base import GenerationParams, PreparedPrompt
@@ -72,6 +72,24 @@ async def test_remote_async_twins_equal_the_local_guard(remote, tiny_backend):
         assert (await far.ainvoke(prompt)).text == want
         answer = await far.aplan(prompt)
         assert "".join([e.text async for e in answer.astream()]) == want
+
+
+def test_a_yaml_remote_model_block_builds_a_guard_on_the_server(served, tiny_folder, tiny_backend, tmp_path):
+    from eco_guard.guard import Guard
+
+    block = f"model: {{backend: remote, url: '{served.url}', path: {tiny_folder}, retries: 1, backoff_s: 0.01}}\n"
+    path = tmp_path / "remote.yaml"
+    path.write_text(block + CONFIG.format(policy="flag", rag="corrupt", selection="{mode: content}"))
+    guard = Guard.from_config(path, classifier=KeywordClassifier())
+    try:
+        assert isinstance(guard.backend, RemoteBackend) and guard.backend.url == served.url
+        assert (guard.backend.retries, guard.backend.backoff_s) == (1, 0.01)
+        local = make_guard(tiny_backend)
+        for prompt, route in ((FLAGGED, "corrupted"), (PLAIN, "fallback")):
+            got, want = guard.invoke(prompt), local.invoke(prompt)
+            assert got.decision.route == route and got.generation.token_ids == want.generation.token_ids
+    finally:
+        guard.backend.close()
 
 
 def test_flagged_prompts_go_as_corrupted_embeddings_and_others_as_token_ids(remote, served):

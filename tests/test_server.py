@@ -579,3 +579,26 @@ def test_real_server_refusals_and_metrics(real_server, real_clients, real_backen
     assert 'eco_guard_routes_total{route="corrupted",topic="harry_potter"}' in metrics
     assert 'eco_guard_routes_total{route="fallback",topic="none"}' in metrics
     assert "Harry" not in metrics and "France" not in metrics
+
+
+# ---------------------------------------------------------------- eco-guard serve: the config's server block
+
+def test_serve_reads_the_server_block_and_flags_override_it(tmp_path, monkeypatch, capsys):
+    import eco_guard.server
+    from eco_guard.cli import main
+    from eco_guard.guard import Guard
+
+    path = tmp_path / "guard.yaml"
+    path.write_text("server: {port: 9001, max_queue: 3, expose_decision: true, request_timeout_s: 5}\n"
+                    "topics: [{name: a}]\n")
+    served = []
+    monkeypatch.setattr(Guard, "from_config", classmethod(lambda cls, cfg, **kw: cfg))
+    monkeypatch.setattr(eco_guard.server, "serve", lambda guard, settings: served.append((guard, settings)))
+    assert main(["serve", str(path)]) == 0
+    cfg, settings = served.pop()
+    assert settings == cfg.server == ServerSettings(port=9001, max_queue=3, expose_decision=True, request_timeout_s=5)
+    assert main(["serve", str(path), "--port", "9002", "--max-queue", "7", "--request-timeout", "9"]) == 0
+    _, settings = served.pop()
+    assert (settings.port, settings.max_queue, settings.request_timeout_s, settings.expose_decision) == (9002, 7, 9, True)
+    assert main(["serve", str(path), "--port", "70000"]) == 2 and not served
+    assert "--port" in capsys.readouterr().err

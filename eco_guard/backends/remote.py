@@ -10,6 +10,11 @@ template to either. No sampling penalty is ever sent (with prompt embeddings the
 HTTP failures are retried with exponential backoff (connection errors, 429 and 5xx), a stream only until its
 first event; the sync methods use one ``httpx.Client``, the async twins an ``httpx.AsyncClient`` per event loop.
 
+A YAML ``model:`` block selects it (``Guard.from_config`` builds it through :meth:`from_pretrained`)::
+
+    model: {backend: remote, url: "http://vllm.internal:8000", path: /models/SmolLM2-135M-Instruct,
+            served_model: HuggingFaceTB/SmolLM2-135M-Instruct, api_key_env: VLLM_TOKEN}
+
 Example:
     >>> backend = RemoteBackend.from_pretrained("http://127.0.0.1:8000", "default")   # doctest: +SKIP
     >>> guard = Guard.from_config(backend=backend)                                    # doctest: +SKIP
@@ -44,15 +49,16 @@ from eco_guard.backends.base import (
     StreamEvent,
 )
 from eco_guard.backends.local import LocalBackend, _max_token_bytes, model_display_name, resolve_model_dir
+from eco_guard.config import DEFAULT_REMOTE_BACKOFF_S, DEFAULT_REMOTE_RETRIES, DEFAULT_REMOTE_TIMEOUT_S
 from eco_guard.errors import ConfigError, EcoGuardError, InputError
 
 __all__ = ["RemoteBackend", "RemoteError", "read_embedding_matrix"]
 
 RETRY_STATUS: Final = frozenset({429, 500, 502, 503, 504})
-DEFAULT_TIMEOUT_S: Final = 60.0
+DEFAULT_TIMEOUT_S: Final = DEFAULT_REMOTE_TIMEOUT_S  # the YAML model block's defaults, named once in config.py
 DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
-DEFAULT_RETRIES: Final = 3
-DEFAULT_BACKOFF_S: Final = 0.5
+DEFAULT_RETRIES: Final = DEFAULT_REMOTE_RETRIES
+DEFAULT_BACKOFF_S: Final = DEFAULT_REMOTE_BACKOFF_S
 MAX_BATCH_THREADS: Final = 8
 
 
