@@ -238,7 +238,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
     path, results = optimize_config(args.config, topics=args.topic or None, steps=args.steps,
                                     methods=args.methods.split(","), modes=args.modes.split(","),
                                     dims=[int(d) for d in args.dims.split(",")], target_hit_rate=args.target,
-                                    max_fluency_ratio=args.max_fluency, progress=not args.quiet)
+                                    max_fluency_ratio=args.max_fluency, max_repetition=args.max_repetition,
+                                    report_dir=args.report,
+                                    progress=not args.quiet)
     for name, r in results.items():
         b, m = r.best, r.best.measurement
         print(f"{name}: {b.method} dims {b.dims} strength {b.strength:g} selection {b.mode}: hit rate "
@@ -252,12 +254,14 @@ def _add_optimize(subparsers: Any) -> None:
     sp = subparsers.add_parser("optimize", help="learn the corruption of 'corruption: learned' topics and store it")
     sp.add_argument("config", help="YAML config; the store is written to its 'store' (default <config>.eco.json)")
     sp.add_argument("--topic", action="append", help="learn this topic (repeatable; default: every learned topic)")
-    sp.add_argument("--steps", type=int, default=8, help="zeroth-order steps per candidate")
+    sp.add_argument("--steps", type=int, default=12, help="zeroth-order steps per candidate")
     sp.add_argument("--methods", default="rand_noise_first_n,zero_out_top_k,flip_sign_top_k")
     sp.add_argument("--modes", default="content,keywords", help="token selection modes to try")
     sp.add_argument("--dims", default="1", help="comma-separated dims to try")
     sp.add_argument("--target", type=float, default=0.1, help="hit rate to reach on the known questions")
     sp.add_argument("--max-fluency", type=float, default=2.0, help="bound on the replies' perplexity ratio")
+    sp.add_argument("--max-repetition", type=float, default=0.2, help="bound on the replies' repeated bigrams")
+    sp.add_argument("--report", help="folder for optimize.md and optimize.png (default: <store>-report beside it)")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sp.set_defaults(func=_run_optimize)
 

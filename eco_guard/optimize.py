@@ -73,15 +73,17 @@ class ZOResult:
 
 def zeroth_order_scalar(f: Callable[[float, int], float], x0: float, *, eps: float, lr: float, steps: int,
                         x_min: float = -math.inf, clip_low: float | None = None, seed: int = 0,
-                        plateau_step: float = 0.0, reached: Callable[[float, float], bool] | None = None,
+                        plateau_step: float = 0.0, plateau_direction: float = 1.0,
+                        reached: Callable[[float, float], bool] | None = None,
                         progress: bool = False, desc: str = "zeroth-order") -> ZOResult:
     """Minimise ``f(x, seed)`` with the finite-difference step g = [f(x+ε) − f(lo)] / (x + ε − lo).
 
     ``lo = max(x − ε, clip_low)`` (the paper clips σ − ε at 1e-8 and still divides by 2ε; the true distance
     is used here). Both sides of a step get the same ``seed`` (common random numbers), so a noisy ``f``
     differs between them only through ``x``; ``x ← max(x − lr·g, x_min)``. ``reached(x, f(x))`` stops early.
-    A step shorter than ``plateau_step`` is lengthened to it, downhill (uphill in x where g is 0): an
-    objective that does not respond yet (too little noise to matter) would otherwise never be left.
+    A step shorter than ``plateau_step`` is replaced by ``plateau_step`` in ``plateau_direction``: where the
+    objective barely responds (too little noise to matter yet), the estimate's sign is noise, and a caller
+    that knows which way the target lies (knowledge only falls as corruption grows) says so.
     """
     x, history = float(x0), []
     value = f(x, seed)
@@ -97,7 +99,7 @@ def zeroth_order_scalar(f: Callable[[float, int], float], x0: float, *, eps: flo
         history.append({"x": x, "value": value, "grad": grad})
         move = -lr * grad
         if abs(move) < plateau_step:
-            move = -math.copysign(plateau_step, grad) if grad else plateau_step
+            move = math.copysign(plateau_step, plateau_direction)
         x = max(x + move, x_min)
         value = f(x, seed)
         bar.update(1)
@@ -285,15 +287,16 @@ class SearchResult:
 def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("rand_noise_first_n",
                  "zero_out_top_k", "flip_sign_top_k"), modes: Sequence[str] = ("content",),
                  dims: Sequence[int] = (1,), keywords: Sequence[str] = (), target_hit_rate: float = 0.1,
-                 max_fluency_ratio: float = 2.0, strength0: float = 1.0, steps: int = 8, eps: float = 0.3,
-                 lr: float = 2.0, plateau_step: float = 0.5, seed: int = 0, progress: bool = True) -> SearchResult:
+                 max_fluency_ratio: float = 2.0, max_repetition: float = 0.2, strength0: float = 1.0,
+                 steps: int = 12, eps: float = 0.3,
+                 lr: float = 4.0, plateau_step: float = 0.5, seed: int = 0, progress: bool = True) -> SearchResult:
     """Try each method × dims × selection mode; for methods with a strength, learn it (log σ) by the
     zeroth-order step until the hit rate reaches ``target_hit_rate``; pick the candidate that reaches it
     with the best fluency (within ``max_fluency_ratio`` if any does), else the one with the least knowledge.
 
     The loss is the drop of the surrogate log-probability below the plain model's (never above zero) plus a
-    penalty once fluency passes its bound, so the step does not push the strength past the point where
-    replies turn to babble.
+    penalty once fluency or repetition passes its bound, so the step does not push the strength past the
+    point where replies turn to babble or loops.
     """
     from eco_guard.config import SelectionConfig
     from eco_guard.corruption import CorruptionSpec, get_corruptor
@@ -320,26 +323,31 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             # likely is a plateau to step across (upwards), not a direction to follow.
             m = measure(math.exp(x))
             removed = min(m.logprob - objective.baseline.logprob, 0.0)
-            return removed + 10.0 * max(0.0, m.fluency_ratio - max_fluency_ratio)
+            return (removed + 10.0 * max(0.0, m.fluency_ratio - max_fluency_ratio)
+                    + 10.0 * max(0.0, m.repetition - max_repetition))
 
         def reached(x: float, _value: float) -> bool:
             return measure(math.exp(x)).hit_rate <= target_hit_rate
 
         if get_corruptor(method).uses_strength:
             run = zeroth_order_scalar(loss, math.log(strength0), eps=eps, lr=lr, steps=steps, seed=seed,
-                                      x_min=math.log(1e-4), plateau_step=plateau_step, reached=reached)
+                                      x_min=math.log(1e-4), plateau_step=plateau_step, reached=reached,
+                                      progress=progress, desc=f"{method} d{d} {mode}")
             strength = round(math.exp(run.x), 6)
         else:
             strength = 0.0
         m = measure(strength)
         candidates.append(Candidate(method, d, strength, mode, m, m.hit_rate <= target_hit_rate, len(cache)))
-    best = _best(candidates, max_fluency_ratio)
+    best = _best(candidates, max_fluency_ratio, max_repetition)
     return SearchResult(objective.topic, best, candidates, objective.baseline, target_hit_rate, max_fluency_ratio,
                         len(objective.known), objective.n_questions, curves)
 
 
-def _best(candidates: Sequence[Candidate], max_fluency_ratio: float) -> Candidate:
-    fluent = [c for c in candidates if c.reached and c.measurement.fluency_ratio <= max_fluency_ratio]
+def _best(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetition: float) -> Candidate:
+    # Perplexity alone misses loops ("by The End of the World series by The End of ..." is likely text):
+    # a fluent candidate also repeats itself no more than max_repetition.
+    fluent = [c for c in candidates if c.reached and c.measurement.fluency_ratio <= max_fluency_ratio
+              and c.measurement.repetition <= max_repetition]
     if fluent:
         return min(fluent, key=lambda c: (c.measurement.fluency_ratio, c.measurement.repetition))
     reached = [c for c in candidates if c.reached]
@@ -349,10 +357,11 @@ def _best(candidates: Sequence[Candidate], max_fluency_ratio: float) -> Candidat
 
 # ---------------------------------------------------------------- one config, end to end
 
-def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, steps: int = 8,
+def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, steps: int = 12,
                     methods: Sequence[str] = ("rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"),
                     modes: Sequence[str] = ("content", "keywords"), dims: Sequence[int] = (1,),
-                    target_hit_rate: float = 0.1, max_fluency_ratio: float = 2.0, max_new_tokens: int = 24,
+                    target_hit_rate: float = 0.1, max_fluency_ratio: float = 2.0, max_repetition: float = 0.2,
+                    max_new_tokens: int = 24,
                     report_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, dict[str, SearchResult]]:
     """Learn the corruption of each ``corruption: learned`` topic (or of ``topics``), write the store and a
     report (markdown + PNG). Returns the store's path and each topic's search."""
@@ -384,7 +393,8 @@ def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, 
         objective = KnowledgeObjective(guard, name, read_qa(topic.evaluation), max_new_tokens=max_new_tokens)
         seed = topic.corruption.seed if topic.corruption != "learned" else 0
         result = search_topic(objective, methods=methods, modes=modes, dims=dims, keywords=topic.selection.keywords,
-                              target_hit_rate=target_hit_rate, max_fluency_ratio=max_fluency_ratio, steps=steps,
+                              target_hit_rate=target_hit_rate, max_fluency_ratio=max_fluency_ratio,
+                              max_repetition=max_repetition, steps=steps,
                               seed=seed, progress=progress)
         results[name] = result
         best = result.best

@@ -1,0 +1,129 @@
+"""Unlearning through the whole guard: does a flagged question lose its knowledge, and nothing else?
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1]
+
+The embedded demo guard (SmolLM2-135M-Instruct forgets Harry Potter; its corruption learned by
+``eco-guard optimize`` on ``eco_guard/data/demo/harry_potter_qa.jsonl``) answers questions it was not
+learned on: the dev Harry Potter questions (``benchmarks/data/topics/harry_potter/qa.jsonl``) and the
+retain questions (``benchmarks/data/retain/qa.jsonl``). Each question goes through ``Guard.plan``:
+routing, token selection and corruption as served. Of the questions the plain model answers right:
+
+- forget: share still answered right under the guard (target <= 10%);
+- retain: share still answered right (target >= 98%);
+- fluency: perplexity of the guarded replies under the plain model over that of the plain replies
+  (target <= 2).
+
+Compared with the hand-set strength the demo used before (sigma 7) and the paper's fixed choices
+(rand_noise_first_n, dims 1, sigma 100 and 1e6). Writes ``benchmarks/results/unlearning.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from eco_guard.config import CorruptionSpec, SelectionConfig  # noqa: E402
+from eco_guard.guard import Guard  # noqa: E402
+from eco_guard.optimize import KnowledgeObjective, read_qa  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+DATA = ROOT / "data"
+OUT = ROOT / "results"
+TOPIC = "harry_potter"
+TARGETS = {"forget_kept": 0.10, "retain_kept": 0.98, "fluency": 2.0}
+
+
+def variants(guard: Guard) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
+    learned, selection = guard.corruption_of(TOPIC)
+    content = SelectionConfig(mode="content")
+    return {
+        f"learned ({learned.method}, dims {learned.dims}, sigma {learned.strength:g}, {selection.mode})": (learned, selection),
+        "hand-set sigma 7 (content)": (CorruptionSpec(strength=7.0), content),
+        "paper sigma 100 (content)": (CorruptionSpec(strength=100.0), content),
+        "paper sigma 1e6 (content)": (CorruptionSpec(strength=1e6), content),
+    }
+
+
+def run(max_new_tokens: int) -> dict:
+    guard = Guard.from_config(None)
+    forget = KnowledgeObjective(guard, TOPIC, read_qa(DATA / "topics" / TOPIC / "qa.jsonl"), max_new_tokens=max_new_tokens)
+    retain = KnowledgeObjective(guard, TOPIC, read_qa(DATA / "retain" / "qa.jsonl"), max_new_tokens=max_new_tokens)
+    rows = []
+    for name, (spec, selection) in variants(guard).items():
+        started = time.perf_counter()
+        f, r = forget.measure(spec, selection), retain.measure(spec, selection)
+        rows.append({"variant": name, "forget_kept": f.hit_rate, "forget_corrupted": f.corrupted,
+                     "forget_fluency": f.fluency_ratio, "forget_repetition": f.repetition,
+                     "retain_kept": r.hit_rate, "retain_corrupted": r.corrupted, "retain_fluency": r.fluency_ratio,
+                     "seconds": round(time.perf_counter() - started, 1), "forget_replies": list(f.replies)})
+        print(f"{name}: forget kept {f.hit_rate:.0%} of {len(forget.known)}, retain kept {r.hit_rate:.0%} of "
+              f"{len(retain.known)}, fluency {f.fluency_ratio:.2f}", flush=True)
+    return {"model": guard.model_name, "max_new_tokens": max_new_tokens, "targets": TARGETS,
+            "forget_known": len(forget.known), "forget_questions": forget.n_questions,
+            "retain_known": len(retain.known), "retain_questions": retain.n_questions, "rows": rows}
+
+
+def to_markdown(report: dict) -> str:
+    lines = ["# Unlearning through the guard (embedded demo, held-out questions)", "",
+             f"Model {report['model']}, greedy, {report['max_new_tokens']} new tokens. Forget: the "
+             f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
+             f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget kept "
+             f"<= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency <= "
+             f"{TARGETS['fluency']:g}.", "",
+             "| corruption | forget kept | retain kept | fluency (forget) | repetition | seconds |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {r['forget_kept']:.0%} | {r['retain_kept']:.0%} | {r['forget_fluency']:.2f} "
+                     f"| {r['forget_repetition']:.2f} | {r['seconds']} |")
+    lines += ["", "Replies to the known forget questions:", ""]
+    for r in report["rows"]:
+        lines += [f"- {r['variant']}:"] + [f"  - {t!r}" for t in r["forget_replies"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["variant"].split(" (")[0] for r in report["rows"]]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title, target in ((axes[0], "forget_kept", "forget kept (lower is better)", TARGETS["forget_kept"]),
+                                   (axes[1], "retain_kept", "retain kept (higher is better)", TARGETS["retain_kept"]),
+                                   (axes[2], "forget_fluency", "fluency ratio (lower is better)", TARGETS["fluency"])):
+        ax.bar(names, [r[key] for r in report["rows"]], color="tab:blue")
+        ax.axhline(target, color="grey", linestyle="--")
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        if key == "forget_fluency":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = run(args.max_new_tokens)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "unlearning.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (OUT / "unlearning.md").write_text(to_markdown(report), encoding="utf-8")
+    plot(report, OUT / "unlearning.png")
+    print(to_markdown(report))
+
+
+if __name__ == "__main__":
+    main()
