@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_classifier.py                 # train the dev config, measure
     .venv/bin/python benchmarks/bench_classifier.py --no-train      # reuse the saved classifier
     .venv/bin/python benchmarks/bench_classifier.py --variants finetuned,frozen  # also a frozen-encoder head
+    .venv/bin/python benchmarks/bench_classifier.py --seeds 0,1,2   # 3 training seeds: mean (min-max) of each rate
 
 Quality: FNR per topic on the `dev` split of benchmarks/data at the calibrated thresholds,
 and FPR on the retain `dev` prompts (neighbor and general separately). Targets: FNR <= 2%
@@ -13,6 +14,10 @@ prompts (and applied to the retain dev prompts too, to measure false positives):
 held-out jailbreak wrappers, heavier typos, burying in ~2,000 tokens of unrelated text
 (start, middle, end), code embedding, character-level obfuscation, and a few
 hand-written non-English prompts.
+
+Held-out sets (benchmarks/heldout/): FNR per topic, per kind and per language (per topic too) and FPR
+per kind, at the same thresholds; the blind ones report rates only. One training run cannot resolve a
+one-prompt gap: ``--seeds`` trains several and reports each rate's mean and spread.
 
 Speed (targets: single-prompt p50 <= 15 ms, batched >= 250 prompts/s) and training time
 of the dev config (<= 5 min) on this machine's CPU cores.
@@ -183,8 +188,19 @@ def measure_speed(clf: PromptClassifier, texts: list[str], reps: int, threads: i
             "n_single": len(single), "n_batched": len(texts), "load_avg": os.getloadavg()[0]}
 
 
-def train(config: Path, frozen: bool, out: Path) -> tuple[PromptClassifier, float]:
-    cfg = load_config(config)
+def with_seed(cfg, seed: int | None):
+    """``cfg`` trained with ``seed``; a seed other than the config's saves beside it (``model_seed<N>``)."""
+    training = cfg.classifier.training
+    if seed is None or seed == training.seed:
+        return cfg
+    path = cfg.classifier.path
+    classifier = cfg.classifier.model_copy(update={"training": training.model_copy(update={"seed": seed}),
+                                                   "path": path.parent / f"{path.name}_seed{seed}"})
+    return cfg.model_copy(update={"classifier": classifier})
+
+
+def train(config: Path, frozen: bool, out: Path, seed: int | None = None) -> tuple[PromptClassifier, float]:
+    cfg = with_seed(load_config(config), seed)
     if frozen:
         training = cfg.classifier.training
         training = {**(training.model_dump() if hasattr(training, "model_dump") else training),
@@ -194,6 +210,55 @@ def train(config: Path, frozen: bool, out: Path) -> tuple[PromptClassifier, floa
     start = time.perf_counter()
     clf = PromptClassifier.from_config(cfg, retrain=True, progress=True)
     return clf, time.perf_counter() - start
+
+
+def trained(args: argparse.Namespace, frozen: bool, seed: int | None) -> tuple[PromptClassifier, float | None]:
+    """The classifier of ``args.config`` (trained with ``seed``): loaded with ``--no-train`` if saved, else trained."""
+    saved = args.out / "model_frozen" if frozen else with_seed(load_config(args.config), seed).classifier.path
+    if args.no_train and (saved / "config.json").is_file():
+        clf = PromptClassifier.from_pretrained(saved)
+    else:
+        clf, _ = train(args.config, frozen, args.out, seed)
+    return clf, clf.metadata.get("train_seconds")  # measured when it was trained
+
+
+def _rates(q: dict) -> dict[str, float]:
+    """Flat ``name -> rate`` of one seed's report parts: FNR per topic, FPR overall, FNR/FPR per kind and lang
+    (per topic too)."""
+    out: dict[str, float] = {}
+    for part, rep in q.items():
+        if part == "robustness":
+            continue
+        label = part.removeprefix("heldout:")
+        for t, m in rep["topics"].items():
+            out[f"{label} | FNR {t}"] = m["fnr"]
+        out[f"{label} | FPR all"] = rep["overall"]["fpr_any_topic"]
+        for field in ("kind", "lang"):
+            for value, g in rep["groups"].get(field, {}).items():
+                for t, bt in g.get("by_topic", {}).items():
+                    out[f"{label} | FNR {field} {value}, {t}"] = bt["fnr"]
+                if g["positives"]:
+                    out[f"{label} | FNR {field} {value}"] = g["fnr"]
+                if g["negatives"]:
+                    out[f"{label} | FPR {field} {value}"] = g["fpr"]
+    return out
+
+
+def seed_summary(per_seed: list[dict]) -> dict[str, dict[str, float]]:
+    """Per rate: its mean, min and max over the seeds' reports."""
+    rates = [_rates(q) for q in per_seed]
+    return {"rates": {k: {"mean": statistics.mean(r[k] for r in rates), "min": min(r[k] for r in rates),
+                          "max": max(r[k] for r in rates), "values": [r[k] for r in rates]}
+                      for k in rates[0] if all(r.get(k) is not None for r in rates)}}
+
+
+def seed_lines(name: str, seeds: list[int], summary: dict) -> list[str]:
+    lines = [f"### {name}: {len(seeds)} training seeds ({', '.join(map(str, seeds))})", "",
+             "| set | rate | mean | min - max |", "|---|---|---|---|"]
+    for key, r in summary["rates"].items():
+        part, rate = key.split(" | ")
+        lines.append(f"| {part} | {rate} | {100 * r['mean']:.1f}% | {100 * r['min']:.1f} - {100 * r['max']:.1f}% |")
+    return lines + [""]
 
 
 def quality(clf: PromptClassifier, dev: list[EvalRow], robust: list[EvalRow],
@@ -254,10 +319,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=200, help="single-prompt latency samples")
     ap.add_argument("--heldout", type=Path, nargs="*",
                     default=[ROOT / "heldout" / f"{name}.jsonl"
-                             for name in ("fresh3", "fresh2_b", "fresh2_a", "fresh")],
+                             for name in ("fresh4", "fresh3", "fresh2_b", "fresh2_a", "fresh")],
                     help="labelled JSONL files (text, topic, kind) written after the config was frozen, each "
                          "reported on its own (see heldout/README.md); missing files are skipped")
-    ap.add_argument("--blind", nargs="*", default=["fresh3", "fresh2_b"],
+    ap.add_argument("--seeds", default=None, help="comma list of training seeds (default: the config's): the "
+                    "first gets the full report, the others dev and held-out quality; all are summarised as "
+                    "mean (min-max) over seeds. Seeds other than the config's save beside its path (model_seed<N>)")
+    ap.add_argument("--blind", nargs="*", default=["fresh4", "fresh3", "fresh2_b"],
                     help="held-out sets whose prompts nobody may read: rates only, no list of errors")
     args = ap.parse_args()
     if args.threads:
@@ -272,19 +340,20 @@ def main() -> None:
     md = ["# Prompt classifier benchmark", "", f"`{results['command']}`", "",
           (f"CPU cores: {os.cpu_count()}, torch threads while training: {torch.get_num_threads()}, load average at "
            f"start: {os.getloadavg()[0]:.1f} (the cores are shared with other jobs: timings are noisy)."), ""]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [None]
     for slug in args.variants.split(","):
         frozen = slug == "frozen"
         name = "frozen encoder + head" if frozen else "fine-tuned encoder + head"
-        saved = args.out / "model_frozen" if frozen else load_config(args.config).classifier.path
-        if args.no_train and (saved / "config.json").is_file():
-            clf = PromptClassifier.from_pretrained(saved)
-            train_s = clf.metadata.get("train_seconds")  # measured when it was trained
-        else:
-            clf, _ = train(args.config, frozen, args.out)
-            train_s = clf.metadata.get("train_seconds")
+        clf, train_s = trained(args, frozen, seeds[0])
         q = quality(clf, dev, robust, heldout)
         for set_name in set(args.blind) & set(heldout):
             q[f"heldout:{set_name}"]["errors"] = []  # reading them would make the set seen
+        per_seed = [q]
+        for seed in seeds[1:]:
+            other, other_s = trained(args, frozen, seed)
+            per_seed.append({"dev": evaluate(other, dev),
+                             **{f"heldout:{n}": evaluate(other, rows) for n, rows in heldout.items()}})
+            print(f"seed {seed}: trained in {other_s} s", flush=True)
         speeds = [measure_speed(clf, [r.text for r in dev], args.reps, int(n)) for n in args.speed_threads.split(",")]
         plot_histograms(q["dev"], args.out / f"dev_histograms_{slug}.png")
         plot_histograms(q["robustness"], args.out / f"robustness_histograms_{slug}.png")
@@ -294,6 +363,9 @@ def main() -> None:
             **{part: {k: v for k, v in q[part].items() if not k.startswith("_")} for part in q},
         }
         md += summary_lines(name, q, train_s, speeds)
+        if len(seeds) > 1:
+            results["variants"][slug]["seeds"] = {"seeds": seeds, **seed_summary(per_seed)}
+            md += seed_lines(name, seeds, results["variants"][slug]["seeds"])
         md += ["<details><summary>dev report</summary>", "", to_markdown(q["dev"], f"{name}: dev split"),
                "</details>", "", "<details><summary>robustness report</summary>", "",
                to_markdown(q["robustness"], f"{name}: unseen attacks"), "</details>", ""]
@@ -302,6 +374,8 @@ def main() -> None:
             md += [f"<details><summary>held-out report: {set_name}</summary>", "",
                    to_markdown(q[f"heldout:{set_name}"], f"{name}: held-out set {set_name}.jsonl"), "</details>", ""]
         print("\n".join(summary_lines(name, q, train_s, speeds)), flush=True)
+        if len(seeds) > 1:
+            print("\n".join(seed_lines(name, seeds, results["variants"][slug]["seeds"])), flush=True)
         # written after each variant, so a later failure keeps what was measured
         (args.out / "classifier.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
         (args.out / "classifier.md").write_text("\n".join(md), encoding="utf-8")

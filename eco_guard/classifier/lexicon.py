@@ -120,24 +120,35 @@ def term_pattern(terms: Sequence[str], *, raw: bool = False, ignore_case: bool =
 def _term_pattern(terms: frozenset[str], raw: bool, ignore_case: bool) -> re.Pattern[str] | None:
     # Cached: a classifier builds the contrast pattern once per topic matcher and once for itself
     # (1,600 names: 0.13 s each).
-    trie: dict[str, Any] = {}
+    spaced: dict[str, Any] = {}
+    unspaced: dict[str, Any] = {}
     for term in terms:
-        parts = [p for p in re.split(r"[\s\-]+", term) if p]
+        # Chinese and Japanese put no space between words: such a term is found inside a run of text
+        # ("哈利·波特的猫头鹰"), its name dots optional ("哈利波特").
+        trie, gap = (unspaced, _UNSPACED_GAP) if _UNSPACED.search(term) else (spaced, r"[\s\-]+")
+        parts = [p for p in re.split(gap, term) if p]
         if parts:
             node = trie
-            for atom in [*parts[0], *(a for p in parts[1:] for a in (_GAP, *p))]:
+            for atom in [*parts[0], *(a for p in parts[1:] for a in (_GAP if trie is spaced else _DOT, *p))]:
                 node = node.setdefault(atom, {})
             # Russian nouns inflect ("Гарри Поттера"): a term with Cyrillic in it takes a short case ending.
             node[_CYRILLIC_END if _CYRILLIC.search(term) else _END] = {}
-    if not trie:
+    branches = ([r"(?<!\w)" + _trie_regex(spaced) + r"(?:s|es|'s|’s|')?(?!\w)"] if spaced else []) + (
+        [_trie_regex(unspaced)] if unspaced else [])
+    if not branches:
         return None
     flags = re.IGNORECASE if raw and ignore_case else 0
-    return re.compile(r"(?<!\w)" + _trie_regex(trie) + r"(?:s|es|'s|’s|')?(?!\w)", flags)
+    return re.compile("|".join(branches), flags)
 
 
-# Trie atoms besides single characters: the gap between a term's words, and the two term ends.
-_GAP, _END, _CYRILLIC_END = "\x00gap", "\x00end", "\x00cyr"
-_ATOMS: Final[dict[str, str]] = {_GAP: r"[\s\-]*", _END: "", _CYRILLIC_END: r"[a-zа-яё]{0,3}"}
+# Trie atoms besides single characters: the gap between a term's words (a name dot in Chinese and
+# Japanese names), and the two term ends.
+_GAP, _DOT, _END, _CYRILLIC_END = "\x00gap", "\x00dot", "\x00end", "\x00cyr"
+_UNSPACED_GAP: Final = r"[\s\-·・•.]+"
+_ATOMS: Final[dict[str, str]] = {_GAP: r"[\s\-]*", _DOT: _UNSPACED_GAP[:-1] + "*", _END: "",
+                                 _CYRILLIC_END: r"[a-zа-яё]{0,3}"}
+# Scripts written without spaces between words: CJK ideographs, kana.
+_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 def _trie_regex(node: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 Rates per topic, counted from the classifier's decisions (false negatives: a topic's
 prompt whose topic was not among the flagged ones; false positives: a negative prompt
-flagged for it, by the model or by a term), the same split by any ``style``/``kind``/``split``
+flagged for it, by the model or by a term), the same split by any ``style``/``kind``/``lang``/``split``
 field of the rows, a confusion table (true topic x predicted topic), and a PNG of histograms
 of the model's probabilities with the thresholds.
 
@@ -27,7 +27,7 @@ from eco_guard.errors import DataError
 
 __all__ = ["EvalRow", "evaluate", "load_eval_rows", "plot_histograms", "to_markdown", "write_report"]
 
-GROUP_FIELDS: Final = ("style", "kind", "split")
+GROUP_FIELDS: Final = ("style", "kind", "lang", "split")
 NONE: Final = "none"
 MAX_LISTED_ERRORS: Final = 40
 _NEGATIVE_TOPICS: Final = frozenset({"", "none", "null", "negative"})
@@ -115,7 +115,12 @@ def _group(pairs: list[tuple[EvalRow, Classification]]) -> dict[str, Any]:
     neg = [v for r, v in pairs if r.topic is None]
     fn = sum(r.topic not in v.flagged_topics for r, v in pos)
     fp = sum(v.flagged for v in neg)
-    return {"positives": len(pos), "fnr": _rate(fn, len(pos)), "negatives": len(neg), "fpr": _rate(fp, len(neg))}
+    by_topic = {}
+    for t in sorted({r.topic for r, _ in pos}):
+        mine = [v for r, v in pos if r.topic == t]
+        by_topic[t] = {"positives": len(mine), "fnr": _rate(sum(t not in v.flagged_topics for v in mine), len(mine))}
+    return {"positives": len(pos), "fnr": _rate(fn, len(pos)), "negatives": len(neg), "fpr": _rate(fp, len(neg)),
+            "by_topic": by_topic}
 
 
 def _wrong(row: EvalRow, verdict: Classification) -> bool:

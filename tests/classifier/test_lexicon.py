@@ -104,6 +104,17 @@ def test_terms_in_other_scripts_and_russian_case_endings():
     assert m.find(normalize_text("pottery classes")) is None   # Latin terms keep whole-word matching
 
 
+def test_chinese_and_japanese_terms_are_found_inside_unspaced_text():
+    """No spaces between words: a whole-word rule would never match a Chinese term inside a sentence."""
+    m = TermMatcher(["哈利·波特", "霍格沃茨", "ハリー・ポッター", "Potter"], known_words={"pottery"})
+    assert m.find(normalize_text("哈利·波特的猫头鹰叫什么名字？")) == "哈利·波特"
+    assert m.find(normalize_text("哈利波特一共有几本书")) == "哈利波特"      # the name dot is optional
+    assert m.find(normalize_text("我想去霍格沃茨上学")) == "霍格沃茨"
+    assert m.find(normalize_text("ハリーポッターの魔法")) == "ハリーポッター"
+    assert m.find(normalize_text("波特率是多少")) is None                   # part of a term is no term
+    assert m.find(normalize_text("pottery classes")) is None
+
+
 def test_exact_only_matcher_finds_no_typos_and_quoted_one_word_names_keep_their_capital():
     strict, loose = (TermMatcher(["invisibility cloak", '"Luke"'], typos=t) for t in (False, True))
     for text in ("an invisibility cloak", "an invisibilty cloak", "Luke's speeder", "lukewarm tea", "luke"):
