@@ -2,9 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1]
 
-The embedded demo guard (SmolLM2-135M-Instruct forgets Harry Potter; its corruption learned by
-``eco-guard optimize`` on ``eco_guard/data/demo/harry_potter_qa.jsonl``) answers questions it was not
-learned on: the dev Harry Potter questions (``benchmarks/data/topics/harry_potter/qa.jsonl``) and the
+The embedded demo guard (SmolLM2-135M-Instruct forgets Harry Potter) answers questions nobody tuned a
+corruption on: the dev Harry Potter questions (``benchmarks/data/topics/harry_potter/qa.jsonl``) and the
 retain questions (``benchmarks/data/retain/qa.jsonl``). Each question goes through ``Guard.plan``:
 routing, token selection and corruption as served. Of the questions the plain model answers right:
 
@@ -13,8 +12,9 @@ routing, token selection and corruption as served. Of the questions the plain mo
 - fluency: perplexity of the guarded replies under the plain model over that of the plain replies
   (target <= 2).
 
-Compared with the hand-set strength the demo used before (sigma 7) and the paper's fixed choices
-(rand_noise_first_n, dims 1, sigma 100 and 1e6). Writes ``benchmarks/results/unlearning.{json,md,png}``.
+The demo config's hand-set corruption (sigma 7), what ``eco-guard optimize`` chose on the demo's plain
+questions (zero_out_top_k, dims 1), and the paper's fixed choices (rand_noise_first_n, dims 1, sigma 100
+and 1e6). Writes ``benchmarks/results/unlearning.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ TARGETS = {"forget_kept": 0.10, "retain_kept": 0.98, "fluency": 2.0}
 
 
 def variants(guard: Guard) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
-    learned, selection = guard.corruption_of(TOPIC)
+    demo, selection = guard.corruption_of(TOPIC)
     content = SelectionConfig(mode="content")
     return {
-        f"learned ({learned.method}, dims {learned.dims}, sigma {learned.strength:g}, {selection.mode})": (learned, selection),
-        "hand-set sigma 7 (content)": (CorruptionSpec(strength=7.0), content),
+        f"demo config ({demo.method}, dims {demo.dims}, sigma {demo.strength:g}, {selection.mode})": (demo, selection),
+        "zero_out_top_k dims 1 (content)": (CorruptionSpec(method="zero_out_top_k", dims=1), content),
         "paper sigma 100 (content)": (CorruptionSpec(strength=100.0), content),
         "paper sigma 1e6 (content)": (CorruptionSpec(strength=1e6), content),
     }
@@ -54,7 +54,8 @@ def variants(guard: Guard) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
 
 def run(max_new_tokens: int) -> dict:
     guard = Guard.from_config(None)
-    forget = KnowledgeObjective(guard, TOPIC, read_qa(DATA / "topics" / TOPIC / "qa.jsonl"), max_new_tokens=max_new_tokens)
+    forget_items = read_qa(DATA / "topics" / TOPIC / "qa.jsonl")
+    forget = KnowledgeObjective(guard, TOPIC, forget_items, max_new_tokens=max_new_tokens)
     retain = KnowledgeObjective(guard, TOPIC, read_qa(DATA / "retain" / "qa.jsonl"), max_new_tokens=max_new_tokens)
     rows = []
     for name, (spec, selection) in variants(guard).items():
@@ -73,11 +74,11 @@ def run(max_new_tokens: int) -> dict:
 
 def to_markdown(report: dict) -> str:
     lines = ["# Unlearning through the guard (embedded demo, held-out questions)", "",
-             f"Model {report['model']}, greedy, {report['max_new_tokens']} new tokens. Forget: the "
-             f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
-             f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget kept "
-             f"<= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency <= "
-             f"{TARGETS['fluency']:g}.", "",
+             (f"Model {report['model']}, greedy, {report['max_new_tokens']} new tokens. Forget: the "
+              f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
+              f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget "
+              f"kept <= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency <= "
+              f"{TARGETS['fluency']:g}."), "",
              "| corruption | forget kept | retain kept | fluency (forget) | repetition | seconds |",
              "|---|---|---|---|---|---|"]
     for r in report["rows"]:

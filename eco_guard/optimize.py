@@ -38,7 +38,7 @@ from eco_guard.errors import DataError
 if TYPE_CHECKING:
     from eco_guard.config import SelectionConfig
     from eco_guard.corruption import CorruptionSpec
-    from eco_guard.guard import Guard
+    from eco_guard.guard import Guard, GuardRequest
 
 __all__ = [
     "Candidate",
@@ -138,14 +138,25 @@ def zeroth_order_vector(f: Callable[[np.ndarray, int], float], x0: Sequence[floa
 
 @dataclass(frozen=True)
 class QAItem:
-    """A short-answer question and the answers that count as knowing it (lower case substrings)."""
+    """A short-answer question and the answers that count as knowing it (lower case substrings).
+
+    ``context``: retrieved passages served with the question (a RAG app's request), so a corruption is
+    also learned where the answer stands in the prompt itself.
+    """
 
     question: str
     answers: tuple[str, ...]
+    context: tuple[str, ...] = ()
+
+    def request(self) -> GuardRequest:
+        from eco_guard.guard import GuardRequest
+
+        return GuardRequest.of(self.question, self.context)
 
 
 def read_qa(path: str | Path) -> list[QAItem]:
-    """Questions of a JSONL file with ``question`` and ``answers`` fields (errors name file and line)."""
+    """Questions of a JSONL file with ``question``, ``answers`` and optional ``context`` (a list of passages);
+    errors name file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: question file not found")
@@ -162,7 +173,10 @@ def read_qa(path: str | Path) -> list[QAItem]:
             raise DataError(f"{path}:{n}: 'question' must be non-empty text")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
             raise DataError(f"{path}:{n}: 'answers' must be a non-empty list of strings")
-        items.append(QAItem(question, tuple(a.lower() for a in answers)))
+        context = row.get("context", [])
+        if not isinstance(context, list) or not all(isinstance(c, str) for c in context):
+            raise DataError(f"{path}:{n}: 'context' must be a list of passages (strings)")
+        items.append(QAItem(question, tuple(a.lower() for a in answers), tuple(context)))
     if not items:
         raise DataError(f"{path}: no questions")
     return items
@@ -208,7 +222,7 @@ class KnowledgeObjective:
     def __init__(self, guard: Guard, topic: str, items: Sequence[QAItem], *, max_new_tokens: int = 24) -> None:
         self.guard, self.topic, self.max_new_tokens = guard, topic, max_new_tokens
         guard.config.topic(topic)  # a KeyError names an unknown topic now, not mid-search
-        plain = [guard.unguarded(item.question, max_new_tokens=max_new_tokens) for item in items]
+        plain = [guard.unguarded(item.request(), max_new_tokens=max_new_tokens) for item in items]
         results = guard.generate_all(plain)
         self.known = [(item, r.text) for item, r in zip(items, results) if _hit(r.text, item.answers)]
         self.n_questions = len(items)
@@ -223,10 +237,10 @@ class KnowledgeObjective:
     def measure(self, spec: CorruptionSpec, selection: SelectionConfig) -> Measurement:
         """Knowledge and fluency with ``spec`` and ``selection`` in place of the topic's own."""
         guard = self.guard.with_corruption(self.topic, spec, selection)
-        answers = [guard.plan(item.question, max_new_tokens=self.max_new_tokens) for item, _ in self.known]
+        answers = [guard.plan(item.request(), max_new_tokens=self.max_new_tokens) for item, _ in self.known]
         replies = [r.text for r in guard.generate_all(answers)]
         hits = [_hit(reply, item.answers) for reply, (item, _) in zip(replies, self.known)]
-        plain_prompts = [self.guard.unguarded(item.question) for item, _ in self.known]
+        plain_prompts = [self.guard.unguarded(item.request()) for item, _ in self.known]
         ratio = self._perplexity(plain_prompts, replies) / self._plain_ppl
         return Measurement(
             hit_rate=_mean(hits),
@@ -287,7 +301,7 @@ class SearchResult:
 def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("rand_noise_first_n",
                  "zero_out_top_k", "flip_sign_top_k"), modes: Sequence[str] = ("content",),
                  dims: Sequence[int] = (1,), keywords: Sequence[str] = (), target_hit_rate: float = 0.1,
-                 max_fluency_ratio: float = 2.0, max_repetition: float = 0.2, strength0: float = 1.0,
+                 max_fluency_ratio: float = 2.0, max_repetition: float = 0.1, strength0: float = 1.0,
                  steps: int = 12, eps: float = 0.3,
                  lr: float = 4.0, plateau_step: float = 0.5, seed: int = 0, progress: bool = True) -> SearchResult:
     """Try each method × dims × selection mode; for methods with a strength, learn it (log σ) by the
@@ -303,9 +317,11 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
 
     curves: list[dict[str, Any]] = []
     candidates = []
+    # the plain replies repeat themselves too (short answers restate the question): the bound is above theirs
+    repetition_bound = objective.baseline.repetition + max_repetition
     plan = [(m, d, mode) for m in methods for d in dims for mode in modes if mode != "keywords" or keywords]
     for method, d, mode in tqdm(plan, desc=f"searching {objective.topic}", disable=not progress):
-        selection = SelectionConfig(mode=mode, keywords=list(keywords)) if mode == "keywords" else SelectionConfig(mode=mode)
+        selection = SelectionConfig(mode=mode, keywords=list(keywords) if mode == "keywords" else [])
         cache: dict[float, Measurement] = {}
 
         def measure(strength: float, method: str = method, d: int = d, mode: str = mode,
@@ -324,7 +340,7 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             m = measure(math.exp(x))
             removed = min(m.logprob - objective.baseline.logprob, 0.0)
             return (removed + 10.0 * max(0.0, m.fluency_ratio - max_fluency_ratio)
-                    + 10.0 * max(0.0, m.repetition - max_repetition))
+                    + 10.0 * max(0.0, m.repetition - repetition_bound))
 
         def reached(x: float, _value: float) -> bool:
             return measure(math.exp(x)).hit_rate <= target_hit_rate
@@ -338,7 +354,7 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             strength = 0.0
         m = measure(strength)
         candidates.append(Candidate(method, d, strength, mode, m, m.hit_rate <= target_hit_rate, len(cache)))
-    best = _best(candidates, max_fluency_ratio, max_repetition)
+    best = _best(candidates, max_fluency_ratio, repetition_bound)
     return SearchResult(objective.topic, best, candidates, objective.baseline, target_hit_rate, max_fluency_ratio,
                         len(objective.known), objective.n_questions, curves)
 
@@ -360,9 +376,10 @@ def _best(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetit
 def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, steps: int = 12,
                     methods: Sequence[str] = ("rand_noise_first_n", "zero_out_top_k", "flip_sign_top_k"),
                     modes: Sequence[str] = ("content", "keywords"), dims: Sequence[int] = (1,),
-                    target_hit_rate: float = 0.1, max_fluency_ratio: float = 2.0, max_repetition: float = 0.2,
+                    target_hit_rate: float = 0.1, max_fluency_ratio: float = 2.0, max_repetition: float = 0.1,
                     max_new_tokens: int = 24,
-                    report_dir: str | Path | None = None, progress: bool = True) -> tuple[Path, dict[str, SearchResult]]:
+                    report_dir: str | Path | None = None,
+                    progress: bool = True) -> tuple[Path, dict[str, SearchResult]]:
     """Learn the corruption of each ``corruption: learned`` topic (or of ``topics``), write the store and a
     report (markdown + PNG). Returns the store's path and each topic's search."""
     from eco_guard.config import load_config
@@ -430,18 +447,19 @@ def write_report(results: dict[str, SearchResult], folder: Path) -> dict[str, Pa
     for name, r in results.items():
         b = r.best
         lines += [f"## {name}", "",
-                  f"Known questions: {r.n_known} of {r.n_questions} (the plain model's correct answers). "
-                  f"Target: hit rate <= {r.target_hit_rate:.0%}, fluency ratio <= {r.max_fluency_ratio:g}.", "",
-                  f"**Best**: {b.method}, dims {b.dims}, strength {b.strength:g}, selection {b.mode}: hit rate "
-                  f"{b.measurement.hit_rate:.0%}, log-prob {b.measurement.logprob:.3f} (plain "
-                  f"{r.baseline.logprob:.3f}), fluency ratio {b.measurement.fluency_ratio:.2f}, repetition "
-                  f"{b.measurement.repetition:.2f}.", "",
+                  (f"Known questions: {r.n_known} of {r.n_questions} (the plain model's correct answers). "
+                   f"Target: hit rate <= {r.target_hit_rate:.0%}, fluency ratio <= {r.max_fluency_ratio:g}."), "",
+                  (f"**Best**: {b.method}, dims {b.dims}, strength {b.strength:g}, selection {b.mode}: hit rate "
+                   f"{b.measurement.hit_rate:.0%}, log-prob {b.measurement.logprob:.3f} (plain "
+                   f"{r.baseline.logprob:.3f}), fluency ratio {b.measurement.fluency_ratio:.2f}, repetition "
+                   f"{b.measurement.repetition:.2f}."), "",
                   "| method | dims | strength | mode | hit rate | log-prob | fluency | repetition | reached | evals |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in r.candidates:
             m = c.measurement
+            reached = "yes" if c.reached else "no"
             lines.append(f"| {c.method} | {c.dims} | {c.strength:g} | {c.mode} | {m.hit_rate:.0%} | {m.logprob:.3f} | "
-                         f"{m.fluency_ratio:.2f} | {m.repetition:.2f} | {'yes' if c.reached else 'no'} | {c.evaluations} |")
+                         f"{m.fluency_ratio:.2f} | {m.repetition:.2f} | {reached} | {c.evaluations} |")
         lines += ["", "Replies under the best corruption:", ""]
         lines += [f"- {reply!r}" for reply in b.measurement.replies]
         lines.append("")
@@ -458,7 +476,8 @@ def write_report(results: dict[str, SearchResult], folder: Path) -> dict[str, Pa
             xs = [p["strength"] for p in points]
             axes[row][0].plot(xs, [p["logprob"] for p in points], marker="o", label=label)
             axes[row][1].plot(xs, [p["fluency_ratio"] for p in points], marker="o", label=label)
-        axes[row][0].set(xscale="log", xlabel="strength", ylabel="log-prob of known answers", title=f"{name}: knowledge")
+        axes[row][0].set(xscale="log", xlabel="strength", ylabel="log-prob of known answers",
+                         title=f"{name}: knowledge")
         axes[row][1].axhline(r.max_fluency_ratio, color="grey", linestyle="--")
         axes[row][1].set(xscale="log", xlabel="strength", ylabel="perplexity ratio", title=f"{name}: fluency")
         axes[row][0].legend(fontsize=7)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from test_guard import KeywordClassifier
 
 from eco_guard.config import CorruptionSpec, SelectionConfig, parse_config
 from eco_guard.errors import DataError
@@ -20,7 +21,6 @@ from eco_guard.optimize import (
     zeroth_order_vector,
 )
 from eco_guard.store import CorruptionStore, StoredTopic, StoreError
-from test_guard import KeywordClassifier
 
 
 def noisy(x: float, seed: int) -> float:
@@ -109,7 +109,8 @@ def test_objective_measures_knowledge_and_fluency_through_the_engine(tiny_backen
 def test_search_learns_a_strength_that_removes_the_knowledge(tiny_backend, known):
     objective = KnowledgeObjective(tiny_guard(tiny_backend), "wizards", known, max_new_tokens=6)
     result = search_topic(objective, methods=("rand_noise_first_n", "zero_out_top_k"), dims=(8,), steps=12,
-                          strength0=0.02, lr=3.0, plateau_step=0.7, target_hit_rate=0.34, max_fluency_ratio=100.0, progress=False)
+                          strength0=0.02, lr=3.0, plateau_step=0.7, target_hit_rate=0.34, max_fluency_ratio=100.0,
+                          max_repetition=1.0, progress=False)
     learned = next(c for c in result.candidates if c.method == "rand_noise_first_n")
     assert learned.strength > 0.02 and learned.evaluations > 1  # the step moved the strength up
     assert result.best.reached and result.best.measurement.hit_rate <= 0.34
@@ -141,13 +142,15 @@ def test_store_round_trip_and_learned_topics_use_it(tiny_backend, tmp_path):
     (json.dumps({"format_version": 99}), "format_version 99"),
     ("FOREIGN", "learned for another model"),
     ("EMPTY", "no learned corruption for topic 'wizards'"),
-    (json.dumps({"format_version": 1, "model": {"fingerprint": "F"}, "topics": {"wizards": {"corruption": {"dims": 0}}}}),
+    (json.dumps({"format_version": 1, "model": {"fingerprint": "F"},
+                 "topics": {"wizards": {"corruption": {"dims": 0}}}}),
      "topics.wizards: malformed entry"),
 ])
 def test_store_problems_are_one_line_errors_naming_the_file_and_the_command(tiny_backend, tmp_path, content, reason):
     path = tmp_path / "guard.eco.json"
     if content == "FOREIGN":
-        CorruptionStore("other", "sha256:" + "0" * 64, {"wizards": StoredTopic(CorruptionSpec(), SelectionConfig())}).save(path)
+        foreign = {"wizards": StoredTopic(CorruptionSpec(), SelectionConfig())}
+        CorruptionStore("other", "sha256:" + "0" * 64, foreign).save(path)
     elif content == "EMPTY":
         CorruptionStore("tiny", tiny_backend.fingerprint()).save(path)
     elif content is not None:
@@ -160,9 +163,21 @@ def test_store_problems_are_one_line_errors_naming_the_file_and_the_command(tiny
 
 def test_fingerprint_is_the_embedding_matrix(tiny_backend, real_tokenizer):
     from conftest import build_tiny_model
+
     from eco_guard.backends.local import LocalBackend
 
     assert tiny_backend.fingerprint() == LocalBackend(build_tiny_model(real_tokenizer), real_tokenizer).fingerprint()
     other = LocalBackend(build_tiny_model(real_tokenizer, seed=1), real_tokenizer)
     assert other.fingerprint() != tiny_backend.fingerprint() and other.fingerprint().startswith("sha256:")
     assert math.isfinite(len(other.fingerprint()))
+
+
+def test_questions_with_context_are_learned_as_rag_requests(tiny_backend, tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "Which wizard?", "answers": ["x"], "context": ["A wizard called X."]}\n'
+                    '{"question": "Who?", "answers": ["y"], "context": "not a list"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"qa.jsonl:2: 'context' must be a list"):
+        read_qa(path)
+    item = QAItem("Which wizard?", ("x",), ("A wizard called X.",))
+    answer = tiny_guard(tiny_backend).plan(item.request())
+    assert "A wizard called X." in answer.prompt.text and answer.decision.passages_flagged == 1
