@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,7 @@ from eco_guard.backends import local  # noqa: E402
 from eco_guard.backends.base import CorruptionPlan, GenerationParams  # noqa: E402
 from eco_guard.backends.local import LocalBackend, default_gguf_path  # noqa: E402
 from eco_guard.corruption import CorruptionSpec  # noqa: E402
+from eco_guard.precision import native_bf16, resolved_precision  # noqa: E402
 from eco_guard.selection import token_mask  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "backend.json"
@@ -151,31 +153,167 @@ def bench_generation(backend: LocalBackend, new_tokens: int, reps: int) -> dict:
     }
 
 
+# ---------------------------------------------------------------- decode speed per precision
+
+PRECISIONS = ("float32", "bfloat16")
+CONCURRENCY = (1, 4, 16)
+TARGET_FLOOR_RATIO = 1.3
+TARGET_AUTO_TOKENS_PER_S = 2.5 * 12.6  # the issue's baseline: 12.6 tokens/s on 1 thread
+TARGET_SCALING_16 = 4.0
+DEV_PROMPTS = [*sorted((Path(__file__).parent / "data" / "topics").glob("*/prompts.jsonl")),
+               Path(__file__).parent / "data" / "retain" / "prompts.jsonl"]
+
+
+def weight_floor_s(n_bytes: int, dtype: torch.dtype, reps: int = 9) -> float:
+    """Seconds to read ``n_bytes`` once: a tensor of the model's size in ``dtype``, summed (median of ``reps``)."""
+    tensor = torch.ones(n_bytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        tensor.sum()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dev_prompts(limit: int) -> list[str]:
+    """The dev split of the topic and retain prompts, interleaved across files, at most ``limit``."""
+    lists = [[json.loads(line)["text"] for line in f.read_text().splitlines() if '"dev"' in line] for f in DEV_PROMPTS]
+    mixed = [p for group in zip(*lists) for p in group] + [p for lst in lists for p in lst[min(map(len, lists)):]]
+    return mixed[:limit]
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) -> dict:
+    """Floor, our loop, transformers.generate and concurrent throughput for one precision."""
+    backend = LocalBackend.from_pretrained("default", dtype=dtype)
+    plain = AutoModelForCausalLM.from_pretrained(local.resolve_model_dir("default"), dtype=_DT[dtype]).eval()
+    n_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied embeddings counted once
+    floor = weight_floor_s(n_bytes, _DT[dtype])
+    prompt = backend.prepare([{"role": "user", "content": PROMPT}])
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    backend.generate([prompt], params=GenerationParams(max_new_tokens=4))
+    ours = [_timed(lambda: backend.generate([prompt], params=params)) for _ in range(reps)]
+    log(f"{dtype}: floor {1000 * floor:.1f} ms, our loop {[round(new_tokens / s, 1) for s in ours]} tokens/s")
+
+    ids = torch.tensor([prompt.input_ids])
+    def hf() -> None:  # noqa: E306
+        with torch.inference_mode():
+            plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=backend.pad_id)
+    hf_times = [_timed(hf) for _ in range(reps)]
+    log(f"{dtype}: transformers.generate {[round(new_tokens / s, 1) for s in hf_times]} tokens/s")
+
+    prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts[: max(CONCURRENCY)]]
+    concurrency = {}
+    for n in CONCURRENCY:
+        runs = []
+        for _ in range(reps):
+            threads = [threading.Thread(target=backend.generate, args=([prompts[i]],), kwargs={"params": params})
+                       for i in range(n)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            runs.append(n * new_tokens / (time.perf_counter() - start))
+        concurrency[str(n)] = runs
+        log(f"{dtype}: concurrency {n}: {[round(r, 1) for r in runs]} tokens/s")
+    ms_token = 1000 * statistics.median(ours) / new_tokens
+    return {
+        "weights_mb": round(n_bytes / 2**20, 1),
+        "floor_ms": 1000 * floor,
+        "ours_s": ours,
+        "ours_tokens_per_s": [new_tokens / s for s in ours],
+        "ours_ms_per_token": ms_token,
+        "ratio_to_floor": ms_token / (1000 * floor),
+        "transformers_generate_s": hf_times,
+        "transformers_generate_tokens_per_s": [new_tokens / s for s in hf_times],
+        "concurrency_tokens_per_s": concurrency,
+        "scaling_16": statistics.median(concurrency["16"]) / statistics.median(concurrency["1"]),
+    }
+
+
+def bench_quality(texts: list[str], new_tokens: int, batch: int) -> dict:
+    """Greedy replies in bfloat16 vs float32 on the dev prompts: how many tokens are identical."""
+    replies = {}
+    for dtype in PRECISIONS:
+        backend = LocalBackend.from_pretrained("default", dtype=dtype)
+        prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts]
+        params = GenerationParams(max_new_tokens=new_tokens)
+        out = []
+        for i in range(0, len(prompts), batch):  # the same batches in both precisions
+            out += [g.token_ids for g in backend.generate(prompts[i : i + batch], params=params)]
+        replies[dtype] = out
+        log(f"quality: {dtype} replies done ({len(out)} prompts)")
+    same_prefix, whole = [], 0
+    for a, b in zip(replies["float32"], replies["bfloat16"]):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        same_prefix.append(n)
+        whole += a == b
+    total = sum(len(a) for a in replies["float32"])
+    return {
+        "prompts": len(texts),
+        "new_tokens_max": new_tokens,
+        "batch": batch,
+        "identical_replies": whole,
+        "identical_prefix_tokens": sum(same_prefix),
+        "float32_tokens": total,
+        "identical_prefix_fraction": sum(same_prefix) / max(total, 1),
+        "median_identical_prefix": statistics.median(same_prefix),
+    }
+
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default="load,generation,speed,quality",
+                        help="comma-separated: load, generation (corruption cost), speed (per precision), quality")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each condition")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warm-reps", type=int, default=3)
+    parser.add_argument("--speed-reps", type=int, default=2, help="repetitions of each speed measurement")
+    parser.add_argument("--quality-prompts", type=int, default=96, help="dev prompts compared bf16 vs float32")
+    parser.add_argument("--quality-tokens", type=int, default=32, help="greedy tokens per reply compared")
     parser.add_argument("--skip-cold", action="store_true", help="reuse the user cache, no dequantising")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
 
     gguf = default_gguf_path()
     load_start = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="eco-guard-bench-"))
-    cache = local.default_cache_dir() if args.skip_cold else tmp
-    try:
-        loads = bench_loads(gguf, cache, args.warm_reps, args.skip_cold)
-        backend, _ = load_fresh(gguf, cache)
-        gen = bench_generation(backend, args.new_tokens, args.reps)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}  # sections not run are kept
+    if sections & {"load", "generation"}:
+        tmp = Path(tempfile.mkdtemp(prefix="eco-guard-bench-"))
+        cache = local.default_cache_dir() if args.skip_cold else tmp
+        try:
+            if "load" in sections:
+                result["load"] = bench_loads(gguf, cache, args.warm_reps, args.skip_cold)
+            if "generation" in sections:
+                backend, _ = load_fresh(gguf, cache)
+                result["generation"] = bench_generation(backend, args.new_tokens, args.reps)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        local._LOADED.clear()
+    texts = dev_prompts(max(args.quality_prompts, max(CONCURRENCY)))
+    if "speed" in sections:
+        result["speed"] = {dt: bench_precision(dt, args.new_tokens, args.speed_reps, texts) for dt in PRECISIONS}
+        result["speed"]["auto"] = resolved_precision("auto")
+        result["speed"]["new_tokens"] = args.new_tokens
+    if "quality" in sections:
+        result["quality"] = bench_quality(texts[: args.quality_prompts], args.quality_tokens, max(CONCURRENCY))
 
-    result = {
+    result.update({
         "benchmark": "backend",
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -184,46 +322,74 @@ def main(argv: list[str] | None = None) -> int:
             "transformers": transformers.__version__,
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
-        "load": loads,
-        "generation": gen,
-        "targets": {
-            "ratio_max": TARGET_RATIO,
-            "warm_load_max_s": TARGET_WARM_S,
-            "ratio_ok": gen["ratio"] <= TARGET_RATIO,
-            "warm_load_ok": loads["warm_load_median_s"] <= TARGET_WARM_S,
-        },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
+    })
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-
-    ok = {True: "ok", False: "MISSED"}
-    rows = []
-    if "cold_load_s" in loads:
-        rows.append(("cold GGUF load (dequantise + load)", f"{loads['cold_load_s']:.2f} s", ""))
-    rows += [
-        (f"warm cached load (median of {len(loads['warm_load_s'])})", f"{loads['warm_load_median_s']:.2f} s",
-         f"<= {TARGET_WARM_S} s {ok[result['targets']['warm_load_ok']]}"),
-        ("  of which hashing the GGUF", f"{loads['warm_hash_s']:.2f} s", ""),
-        (f"plain, {gen['new_tokens']} new tokens (median of {gen['reps']})", f"{gen['plain_median_s']:.2f} s",
-         f"{gen['plain_tokens_per_s']:.1f} tok/s"),
-        (f"corrupted, {gen['new_tokens']} new tokens (median of {gen['reps']})", f"{gen['corrupted_median_s']:.2f} s",
-         f"{gen['corrupted_tokens_per_s']:.1f} tok/s"),
-        ("ratio corrupted / plain", f"{gen['ratio']:.3f}", f"<= {TARGET_RATIO} {ok[result['targets']['ratio_ok']]}"),
-        ("  pairwise ratio (median)", f"{gen['pairwise_ratio_median']:.3f}", ""),
-        ("corruption itself (per prompt)", f"{gen['corruption_apply_ms_median']:.3f} ms", ""),
-    ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'measure':<{width}}  {'value':>10}  target/note")
-    print("-" * (width + 30))
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>10}  {note}")
-    print(f"\nload average {load_start[0]:.1f} -> {result['machine']['loadavg_end'][0]:.1f} "
-          f"on {os.cpu_count()} CPUs; saved {args.out}")
+    report = render(result)
+    args.out.with_suffix(".md").write_text(report)
+    print("\n" + report)
+    print(f"load average {load_start[0]:.1f} -> {result['machine']['loadavg_end'][0]:.1f} "
+          f"on {os.cpu_count()} CPUs; saved {args.out} and {args.out.with_suffix('.md').name}")
     return 0
+
+
+def _rate(values: list[float]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
+
+
+def render(result: dict) -> str:
+    """The markdown report of every section in ``result``."""
+    ok = {True: "ok", False: "MISSED"}
+    lines = [(f"# Local backend ({result['when']}, {result['machine']['torch_threads']} thread(s), "
+             f"torch {result['machine']['torch']})"), "", f"`{result['command']}`", ""]
+    if "load" in result:
+        load = result["load"]
+        lines += ["| load | value |", "|---|---|"]
+        if "cold_load_s" in load:
+            lines.append(f"| cold GGUF load (dequantise + load) | {load['cold_load_s']:.2f} s |")
+        lines += [(f"| warm cached load (median) | {load['warm_load_median_s']:.2f} s (target <= {TARGET_WARM_S} s: "
+                  f"{ok[load['warm_load_median_s'] <= TARGET_WARM_S]}) |"), ""]
+    if "generation" in result:
+        gen = result["generation"]
+        lines += ["| corruption cost | value |", "|---|---|",
+                  (f"| plain / corrupted, {gen['new_tokens']} tokens (median of {gen['reps']}) | "
+                  f"{gen['plain_median_s']:.2f} s / {gen['corrupted_median_s']:.2f} s |"),
+                  (f"| ratio corrupted / plain | {gen['ratio']:.3f} (target <= {TARGET_RATIO}: "
+                  f"{ok[gen['ratio'] <= TARGET_RATIO]}) |"), ""]
+    if "speed" in result:
+        speed = result["speed"]
+        lines += [(f"Decode speed, {speed['new_tokens']} new tokens after \"{PROMPT}\" (each run listed; `auto` is "
+                  f"{speed['auto']} here):"), "",
+                  ("| precision | weights | floor (read once) | our loop, tokens/s | ms/token | ratio to floor | "
+                  "transformers.generate, tokens/s | concurrency 1 / 4 / 16, total tokens/s (medians) | 16 vs 1 |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for dt in PRECISIONS:
+            s = speed[dt]
+            conc = " / ".join(f"{statistics.median(s['concurrency_tokens_per_s'][str(n)]):.1f}" for n in CONCURRENCY)
+            lines.append(f"| {dt} | {s['weights_mb']:.0f} MB | {s['floor_ms']:.1f} ms | "
+                         f"{_rate(s['ours_tokens_per_s'])} | {s['ours_ms_per_token']:.1f} | "
+                         f"{s['ratio_to_floor']:.2f} | {_rate(s['transformers_generate_tokens_per_s'])} | {conc} | "
+                         f"{s['scaling_16']:.1f}x |")
+        auto = speed[speed["auto"]]
+        auto_rate = statistics.median(auto["ours_tokens_per_s"])
+        lines += ["", (f"Targets: decode within {TARGET_FLOOR_RATIO}x of the floor ({speed['auto']}: "
+                  f"{auto['ratio_to_floor']:.2f}x, {ok[auto['ratio_to_floor'] <= TARGET_FLOOR_RATIO]}); auto >= "
+                  f"{TARGET_AUTO_TOKENS_PER_S:.1f} tokens/s ({auto_rate:.1f}, "
+                  f"{ok[auto_rate >= TARGET_AUTO_TOKENS_PER_S]}); concurrency 16 >= {TARGET_SCALING_16:.0f}x one "
+                  f"stream ({auto['scaling_16']:.1f}x, {ok[auto['scaling_16'] >= TARGET_SCALING_16]})."), ""]
+    if "quality" in result:
+        q = result["quality"]
+        lines += [(f"Greedy replies, bfloat16 vs float32, {q['prompts']} dev prompts (topics + retain), at most "
+                  f"{q['new_tokens_max']} tokens, batches of {q['batch']}: {q['identical_replies']} replies identical; "
+                  f"{q['identical_prefix_tokens']} of {q['float32_tokens']} float32 tokens "
+                  f"({100 * q['identical_prefix_fraction']:.0f}%) lie in the identical prefix (median prefix "
+                  f"{q['median_identical_prefix']} tokens)."), ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

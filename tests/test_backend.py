@@ -14,10 +14,12 @@ import threading
 
 import pytest
 import torch
+from conftest import TINY_HIDDEN
 
 from eco_guard.backends import local
 from eco_guard.backends.base import CorruptionPlan, GenerationParams, PreparedPrompt
 from eco_guard.backends.local import LocalBackend, default_gguf_path, resolve_model_dir
+from eco_guard.backends.packing import pack_linears
 from eco_guard.config import default_cache_dir
 from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError, InputError
@@ -313,6 +315,154 @@ def test_threads_half_corrupted_equal_sequential(tiny_backend, prompts):
     assert sequential[0].corrupted_tokens > 0 and sequential[1].corrupted_tokens == 0
     for _ in range(2):
         assert _threaded(tiny_backend, jobs, params) == sequential
+
+
+# ------------------------------------------------------------------ continuous batching
+
+def _record_batch_sizes(backend, monkeypatch) -> list[int]:
+    """Rows decoded together at each step of ``backend``'s scheduler (appended as it runs)."""
+    scheduler, sizes = backend._scheduler, []
+    step = scheduler._step
+
+    def recorded():
+        sizes.append(len(scheduler._active))
+        step()
+
+    monkeypatch.setattr(scheduler, "_step", recorded)
+    return sizes
+
+
+def _join_while_running(backend, first, later, params_first, params_later, after=3):
+    """Start ``first`` streaming, wait for ``after`` of its events, then generate ``later`` (one at a time)."""
+    events = backend.stream(first, None, params_first)
+    head = [next(events) for _ in range(after)]
+    joined = [backend.generate([p], None, params_later)[0] for p in later]
+    rest = list(events)
+    return "".join(e.text for e in head + rest), [t for e in head + rest for t in e.token_ids], joined
+
+
+@pytest.mark.parametrize("order", ["short_first", "long_first"])
+def test_greedy_request_joining_a_running_batch_gets_its_solo_tokens(tiny_backend, prompts, monkeypatch, order):
+    # a prompt longer than the running ones shifts them right; a shorter one fits before column t
+    by_length = sorted(prompts, key=len)
+    first, later = (by_length[0], by_length[1:]) if order == "short_first" else (by_length[-1], by_length[:-1])
+    long_run = GenerationParams(max_new_tokens=120, ignore_eos=True)  # past the first 64 cache columns: grows
+    short = GenerationParams(max_new_tokens=10, ignore_eos=True)
+    solo_first = tiny_backend.generate([first], None, long_run)[0]
+    solo_later = [tiny_backend.generate([p], None, short)[0] for p in later]
+    sizes = _record_batch_sizes(tiny_backend, monkeypatch)
+    text, ids, joined = _join_while_running(tiny_backend, first, later, long_run, short)
+    assert max(sizes) == 2  # each later request really decoded next to the running one
+    assert (text, ids) == (solo_first.text, solo_first.token_ids)
+    assert [g.token_ids for g in joined] == [g.token_ids for g in solo_later]
+    assert [g.text for g in joined] == [g.text for g in solo_later]
+
+
+def test_sampled_request_keeps_its_seed_in_a_batch(tiny_backend, prompts, monkeypatch):
+    sampled = GenerationParams(max_new_tokens=10, do_sample=True, seed=7, temperature=0.8, top_p=0.9)
+    greedy = GenerationParams(max_new_tokens=80, ignore_eos=True)
+    solo = tiny_backend.generate([prompts[1]], None, sampled)[0]
+    solo_other = tiny_backend.generate([prompts[0]], None, greedy)[0]
+    sizes = _record_batch_sizes(tiny_backend, monkeypatch)
+    text, ids, [joined] = _join_while_running(tiny_backend, prompts[0], [prompts[1]], greedy, sampled)
+    assert max(sizes) == 2
+    assert joined.token_ids == solo.token_ids
+    assert ids == solo_other.token_ids
+
+
+def test_concurrent_requests_share_steps_and_keep_stop_strings(tiny_backend, prompts, monkeypatch):
+    free = [tiny_backend.generate([p], None, GenerationParams(max_new_tokens=24, ignore_eos=True))[0]
+            for p in prompts]
+    stops = [g.text[len(g.text) // 2:][:2] for g in free]  # a stop string halfway through each row's own reply
+    params = [GenerationParams(max_new_tokens=24, ignore_eos=True, stop=(s,)) for s in stops]
+    alone = [tiny_backend.generate([p], None, pr)[0] for p, pr in zip(prompts, params)]
+    sizes = _record_batch_sizes(tiny_backend, monkeypatch)
+    results: list = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i):
+        barrier.wait(timeout=30)
+        results[i] = tiny_backend.generate([prompts[i]], None, params[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
+    assert all(s not in g.text for s, g in zip(stops, results))
+    assert max(sizes) > 1 and len(sizes) < sum(len(g.token_ids) for g in alone)  # fewer steps than tokens
+
+
+def test_closing_a_stream_frees_its_row(tiny_backend, prompts):
+    events = tiny_backend.stream(prompts[0], None, GenerationParams(max_new_tokens=400, ignore_eos=True))
+    next(events)
+    events.close()
+    after = tiny_backend.generate([prompts[1]], None, GenerationParams(max_new_tokens=4))[0]
+    assert len(after.token_ids) <= 4
+    worker = tiny_backend._scheduler._worker
+    if worker is not None:
+        worker.join(timeout=30)
+    assert tiny_backend._scheduler._worker is None and not tiny_backend._scheduler._active
+
+
+def test_a_failing_forward_reaches_the_caller_and_the_scheduler_recovers(tiny_backend, prompts, monkeypatch):
+    scheduler = tiny_backend._scheduler
+    monkeypatch.setattr(scheduler, "_step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_backend.generate([prompts[0]], None, GenerationParams(max_new_tokens=4))
+    monkeypatch.undo()
+    assert len(tiny_backend.generate([prompts[0]], None, GenerationParams(max_new_tokens=4))[0].token_ids) >= 1
+
+
+# ------------------------------------------------------------------ precision
+
+@pytest.fixture(scope="module")
+def tiny_bf16_backend(tiny_model, real_tokenizer):
+    """The tiny model's weights in bfloat16 (linears packed where oneDNN can), embedding and corrupting in float32."""
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    pack_linears(model)
+    weight = tiny_model.get_input_embeddings().weight.detach()
+    return LocalBackend(model, real_tokenizer, embedding=weight)
+
+
+def test_bf16_corrupted_embeddings_equal_float32_path_up_to_the_cast(tiny_backend, tiny_bf16_backend, prompts,
+                                                                      monkeypatch):
+    plans = [content_plan(p) for p in prompts]
+    exact, _ = tiny_backend.corrupted_embeddings(prompts, plans)
+    embeds, _ = tiny_bf16_backend.corrupted_embeddings(prompts, plans)
+    assert embeds.dtype == torch.float32 and torch.equal(embeds, exact)  # noise drawn and added in float32
+    sent = []
+    monkeypatch.setattr(tiny_bf16_backend._scheduler, "submit", sent.extend)
+    tiny_bf16_backend._submit(prompts, plans, GenerationParams(max_new_tokens=2))
+    width = exact.shape[1]
+    for req, p, row in zip(sent, prompts, exact):
+        assert req.embeds.dtype == torch.bfloat16
+        assert torch.equal(req.embeds, row[width - len(p):].to(torch.bfloat16))  # then cast once
+
+
+def test_bf16_backend_decodes_and_its_packed_linears_match_plain_bf16(tiny_model, tiny_bf16_backend, prompts):
+    plain = copy.deepcopy(tiny_model).to(torch.bfloat16).eval()
+    x = torch.randn(3, 5, TINY_HIDDEN, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(tiny_bf16_backend.model.model.layers[0].mlp(x), plain.model.layers[0].mlp(x))
+    [g] = tiny_bf16_backend.generate([prompts[0]], None, GenerationParams(max_new_tokens=6, ignore_eos=True))
+    assert len(g.token_ids) == 6
+
+
+def test_auto_dtype_resolves_by_cpu(monkeypatch):
+    from eco_guard import precision
+
+    assert precision.resolved_precision("float32") == "float32"
+    monkeypatch.setattr(precision, "native_bf16", lambda: True)
+    assert precision.resolved_precision("auto") == "bfloat16"
+    monkeypatch.setattr(precision, "native_bf16", lambda: False)
+    assert precision.resolved_precision("auto") == "float32"
+
+
+def test_unknown_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.dtype"):
+        LocalBackend.from_pretrained("default", dtype="int3")
 
 
 # ------------------------------------------------------------------ bad input
