@@ -112,7 +112,8 @@ class GuardRequest:
         elif isinstance(prompt, Sequence) and all(isinstance(m, dict) for m in prompt):
             messages = tuple(dict(m) for m in prompt)
         else:
-            raise InputError(f"a prompt must be text or a list of {{role, content}} messages, got {type(prompt).__name__}")
+            raise InputError(f"a prompt must be text or a list of {{role, content}} messages, "
+                             f"got {type(prompt).__name__}")
         for p in passages:
             if not isinstance(p, str):
                 raise InputError(f"retrieved passages must be text, got {type(p).__name__}")
@@ -278,7 +279,8 @@ class Guard:
         for name, (spec, _) in self._corruptions.items():  # a dims too wide fails now, not on a user's request
             if spec.dims > backend.hidden_size:
                 raise EcoGuardError(
-                    f"topic {name!r}: corruption dims={spec.dims} exceeds the model's embedding width {backend.hidden_size}"
+                    f"topic {name!r}: corruption dims={spec.dims} exceeds the model's embedding width "
+                    f"{backend.hidden_size}"
                 )
 
     @classmethod
@@ -307,7 +309,8 @@ class Guard:
     def with_model(self, model: str | os.PathLike[str]) -> Guard:
         """The same config and classifier answering with another local model (``default``, a ``.gguf``
         file or an HF folder); the classifier is shared and loaded weights are reused across calls."""
-        return type(self)(self.config, _load_backend(self.config, model), self.classifier)  # a learned store must fit it too
+        # a learned store must fit the other model too (its fingerprint is checked)
+        return type(self)(self.config, _load_backend(self.config, model), self.classifier)
 
     def with_corruption(self, topic: str, spec: CorruptionSpec, selection: SelectionConfig | None = None) -> Guard:
         """The same guard with one topic's corruption (and token selection) replaced: what the optimiser tries."""
@@ -382,7 +385,8 @@ class Guard:
         }
         messages = tuple(self.render(request))
         if not head.flagged and not corrupt_passages:
-            return self._answer(Decision(False, None, head.score, "fallback", **common), messages, prompt, None, settings)
+            decision = Decision(False, None, head.score, "fallback", **common)
+            return self._answer(decision, messages, prompt, None, settings)
         lead = head if head.flagged else max((v for v in passage_verdicts if v.flagged), key=lambda v: v.score)
         topic = self.config.topic(lead.topic) if lead.topic else self.config.topics[0]
         user = list(prompt.user_spans) if head.flagged else []
@@ -456,7 +460,8 @@ class Guard:
         """The corruption and token selection a topic's flagged prompts get (a learned one resolved)."""
         return self._corruptions[topic]
 
-    def _salient(self, question: str, topic: str, verdict: Classification, prompt: PreparedPrompt) -> list[tuple[int, int]]:
+    def _salient(self, question: str, topic: str, verdict: Classification,
+                 prompt: PreparedPrompt) -> list[tuple[int, int]]:
         """The question's salient words (:func:`~eco_guard.selection.salient_spans`) where the prompt has them."""
         if self.classifier is None or not prompt.user_spans:
             return []
@@ -497,7 +502,8 @@ class Guard:
             else:
                 groups.setdefault(answer.params, []).append(i)
         for params, rows in groups.items():
-            gens = self.backend.generate([answers[i].prompt for i in rows], [answers[i].corruption for i in rows], params)
+            prompts, plans = [answers[i].prompt for i in rows], [answers[i].corruption for i in rows]
+            gens = self.backend.generate(prompts, plans, params)
             for i, gen in zip(rows, gens):
                 results[i] = GuardResult(gen.text, answers[i].decision, gen)
         return results  # type: ignore[return-value]

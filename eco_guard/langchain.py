@@ -148,7 +148,8 @@ def _metadata(decision: Decision, model_name: str, finish_reason: str | None) ->
 
 
 def _usage(prompt_tokens: int, output_tokens: int) -> dict[str, int]:
-    return {"input_tokens": prompt_tokens, "output_tokens": output_tokens, "total_tokens": prompt_tokens + output_tokens}
+    total = prompt_tokens + output_tokens
+    return {"input_tokens": prompt_tokens, "output_tokens": output_tokens, "total_tokens": total}
 
 
 def _message(result: GuardResult, model_name: str) -> AIMessage:
@@ -166,7 +167,8 @@ def _with_decision(message: Any, decision: Decision) -> AIMessage:
     if not isinstance(message, BaseMessage):
         raise InputError(f"the fallback returned {type(message).__name__}; expected a message or text")
     meta = {**message.response_metadata, "eco_guard": decision.to_dict()}
-    return AIMessage(content=message.content, response_metadata=meta, usage_metadata=getattr(message, "usage_metadata", None))
+    usage = getattr(message, "usage_metadata", None)
+    return AIMessage(content=message.content, response_metadata=meta, usage_metadata=usage)
 
 
 # ---------------------------------------------------------------- ECOGuard
@@ -251,10 +253,12 @@ class ECOGuard(Runnable[Any, AIMessage]):
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
         yield from self._transform_stream_with_config(iter([input]), self._stream, config, run_type="llm", **kwargs)
 
-    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None,
+                  **kwargs: Any) -> Iterator[AIMessageChunk]:
         yield from self._transform_stream_with_config(input, self._stream, config, run_type="llm", **kwargs)
 
-    def _stream(self, inputs: Iterator[Any], run_manager: Any, config: RunnableConfig, **kwargs: Any) -> Iterator[AIMessageChunk]:
+    def _stream(self, inputs: Iterator[Any], run_manager: Any, config: RunnableConfig,
+                **kwargs: Any) -> Iterator[AIMessageChunk]:
         answer = self._plan(_single(inputs), kwargs)
         dispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
         yield _decision_chunk(answer)
@@ -266,18 +270,21 @@ class ECOGuard(Runnable[Any, AIMessage]):
         for event in answer.stream():
             yield to_chunk(event)
 
-    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    async def astream(self, input: Any, config: RunnableConfig | None = None,
+                      **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         async def one() -> AsyncIterator[Any]:
             yield input
 
         async for chunk in self._atransform_stream_with_config(one(), self._astream, config, run_type="llm", **kwargs):
             yield chunk
 
-    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         async for chunk in self._atransform_stream_with_config(input, self._astream, config, run_type="llm", **kwargs):
             yield chunk
 
-    async def _astream(self, inputs: AsyncIterator[Any], run_manager: Any, config: RunnableConfig, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+    async def _astream(self, inputs: AsyncIterator[Any], run_manager: Any, config: RunnableConfig,
+                       **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         values = [v async for v in inputs]
         answer = await asyncio.to_thread(self._plan, _single(iter(values)), kwargs)
         await adispatch_custom_event(DECISION_EVENT, answer.decision.to_dict(), config=config)
@@ -482,7 +489,8 @@ class ECODocumentFilter(Runnable[list[Document], list[Document]]):
     def invoke(self, input: list[Document], config: RunnableConfig | None = None, **kwargs: Any) -> list[Document]:
         return self._call_with_config(self._filter, input, ensure_config(config), run_type="retriever")
 
-    async def ainvoke(self, input: list[Document], config: RunnableConfig | None = None, **kwargs: Any) -> list[Document]:
+    async def ainvoke(self, input: list[Document], config: RunnableConfig | None = None,
+                      **kwargs: Any) -> list[Document]:
         return await self._acall_with_config(self._afilter, input, ensure_config(config), run_type="retriever")
 
     async def _afilter(self, docs: list[Document]) -> list[Document]:

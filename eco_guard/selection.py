@@ -27,8 +27,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from eco_guard.config import SelectionConfig
 from eco_guard.classifier.lexicon import term_pattern
+from eco_guard.config import SelectionConfig
 
 Span = tuple[int, int]
 

@@ -98,7 +98,8 @@ class CorruptionStore:
         return cls.from_json(text, file=str(path), command=command)
 
     @classmethod
-    def from_json(cls, text: str, *, file: str = "<store>", command: str = "eco-guard optimize CONFIG") -> CorruptionStore:
+    def from_json(cls, text: str, *, file: str = "<store>",
+                  command: str = "eco-guard optimize CONFIG") -> CorruptionStore:
         def bad(why: str) -> StoreError:
             return StoreError(f"{file}: {why}; run `{command}` to write it again")
 

@@ -9,7 +9,8 @@ from eco_guard.cli import main
 
 @pytest.mark.integration
 def test_demo_shows_plain_and_eco_answers_side_by_side(capsys):
-    assert main(["demo", "--max-new-tokens", "20", "Who wrote the Harry Potter books?", "What is the capital of France?"]) == 0
+    prompts = ["Who wrote the Harry Potter books?", "What is the capital of France?"]
+    assert main(["demo", "--max-new-tokens", "20", *prompts]) == 0
     out = capsys.readouterr().out
     assert "plain answer" in out and "ECO answer" in out
     assert "[harry_potter p=" in out and "corrupted" in out  # the flagged prompt names its corrupted tokens

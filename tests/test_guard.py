@@ -95,7 +95,8 @@ def test_same_prompt_gets_the_same_noise_and_output(tiny_backend):
 
 
 @pytest.mark.parametrize(
-    ("policy", "route", "flagged"), [("flag", "corrupted", True), ("block", "blocked", True), ("pass", "fallback", False)]
+    ("policy", "route", "flagged"),
+    [("flag", "corrupted", True), ("block", "blocked", True), ("pass", "fallback", False)],
 )
 def test_classifier_failure_follows_policy(tiny_backend, policy, route, flagged):
     guard = make_guard(tiny_backend, classifier=BrokenClassifier(), policy=policy)
@@ -186,8 +187,7 @@ def test_real_guard_routes_demo_prompts(demo_guard):
     assert "rowling" not in flagged.text.lower()
     assert plain.decision.route == "fallback"
     assert "paris" in plain.text.lower()
-    unguarded = demo_guard.backend.generate([demo_guard.backend.prepare([{"role": "user", "content": "Who wrote the Harry Potter books?"}])],
-                                            None, GenerationParams(max_new_tokens=24))[0]
+    unguarded = demo_guard.unguarded("Who wrote the Harry Potter books?", max_new_tokens=24).generate()
     assert "rowling" in unguarded.text.lower()  # the model knows it: the guard made the difference
 
 
@@ -276,7 +276,8 @@ async def test_async_twins_equal_the_sync_answer(tiny_backend):
     assert answer.decision == guard.plan("A wizard walks into a bar").decision
     text = "".join([e.text async for e in answer.astream()])
     assert text == (await answer.agenerate()).text == answer.generate().text
-    assert (await guard.ainvoke("Bake bread", max_new_tokens=5)).text == guard.invoke("Bake bread", max_new_tokens=5).text
+    plain = guard.invoke("Bake bread", max_new_tokens=5).text
+    assert (await guard.ainvoke("Bake bread", max_new_tokens=5)).text == plain
 
 
 def test_unguarded_answer_skips_classifier_and_corruption(tiny_backend):

@@ -95,7 +95,8 @@ def test_rag_forget_question_is_answered_without_the_gold_answer(rag, guard, ret
     unguarded = rag.build_unguarded_chain(guard, retriever, max_new_tokens=MAX_NEW_TOKENS).invoke(FORGET_QUESTION)
     assert GOLD in unguarded.lower(), f"the unguarded chain should answer from the context: {unguarded!r}"
 
-    reply = rag.build_guarded_chain_with_decision(guard, retriever, max_new_tokens=MAX_NEW_TOKENS).invoke(FORGET_QUESTION)
+    chain = rag.build_guarded_chain_with_decision(guard, retriever, max_new_tokens=MAX_NEW_TOKENS)
+    reply = chain.invoke(FORGET_QUESTION)
     decision = reply.response_metadata["eco_guard"]
     assert decision["route"] == "corrupted" and decision["topic"] == "harry_potter"
     assert decision["passages_flagged"] >= 1 and decision["corrupted_tokens"] > 0

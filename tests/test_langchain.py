@@ -11,10 +11,10 @@ from langchain_core.language_models import FakeListChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from test_guard import make_guard
 
 from eco_guard.errors import InputError
 from eco_guard.langchain import DECISION_EVENT, ECODocumentFilter, ECOGuard, to_request
-from test_guard import make_guard
 
 FLAGGED, PLAIN = "Tell me about the wizard school", "What is the capital of France?"
 

@@ -120,7 +120,8 @@ def test_multi_turn_keywords_only_in_last_user_message(tiny_backend):
         {"role": "user", "content": "And his friend Ron, is he older than harry?"},
     ]
     prompt = tiny_backend.prepare(messages)
-    mask = select_mask(prompt.text, prompt.offsets, prompt.user_spans, SelectionConfig(mode="keywords", keywords=["Harry"]))
+    keywords = SelectionConfig(mode="keywords", keywords=["Harry"])
+    mask = select_mask(prompt.text, prompt.offsets, prompt.user_spans, keywords)
     start, _ = last_user_span(tiny_backend, messages)
     assert selected(prompt, mask) and all(s >= start for s, _ in selected(prompt, mask))
     assert selected_text(prompt, mask).strip().lower() == "harry"
