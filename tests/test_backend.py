@@ -14,7 +14,6 @@ import threading
 
 import pytest
 import torch
-from conftest import TINY_HIDDEN
 
 from eco_guard.backends import local
 from eco_guard.backends.base import CorruptionPlan, GenerationParams, PreparedPrompt
@@ -443,7 +442,7 @@ def test_bf16_corrupted_embeddings_equal_float32_path_up_to_the_cast(tiny_backen
 
 def test_bf16_backend_decodes_and_its_packed_linears_match_plain_bf16(tiny_model, tiny_bf16_backend, prompts):
     plain = copy.deepcopy(tiny_model).to(torch.bfloat16).eval()
-    x = torch.randn(3, 5, TINY_HIDDEN, dtype=torch.bfloat16)
+    x = torch.randn(3, 5, tiny_model.config.hidden_size, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(tiny_bf16_backend.model.model.layers[0].mlp(x), plain.model.layers[0].mlp(x))
     [g] = tiny_bf16_backend.generate([prompts[0]], None, GenerationParams(max_new_tokens=6, ignore_eos=True))
