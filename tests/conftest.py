@@ -14,11 +14,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
-TINY_HIDDEN = 64
-TINY_HEADS = 4
-TINY_LAYERS = 2
+from tiny_llama import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,29 +31,6 @@ def real_tokenizer(default_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-def build_tiny_model(tokenizer, *, seed: int = 0):
-    """A 2-layer random Llama (hidden 64, 4 heads) over ``tokenizer``'s vocabulary, in float32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=2 * TINY_HIDDEN,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_HEADS,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    return model
 
 
 @pytest.fixture(scope="session")

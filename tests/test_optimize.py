@@ -162,7 +162,7 @@ def test_store_problems_are_one_line_errors_naming_the_file_and_the_command(tiny
 
 
 def test_fingerprint_is_the_embedding_matrix(tiny_backend, real_tokenizer):
-    from conftest import build_tiny_model
+    from tiny_llama import build_tiny_model
 
     from eco_guard.backends.local import LocalBackend
 

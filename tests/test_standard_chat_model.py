@@ -13,8 +13,8 @@ import functools
 import os
 import shutil
 import tempfile
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from langchain_core.load import dumpd, load
@@ -30,9 +30,9 @@ MAX_TOKENS = 12  # short replies keep the real-model suite to a few minutes on 2
 @functools.cache
 def tiny_model_folder() -> str:
     """A second local model for the ``model=`` override: a random 2-layer Llama with the real tokenizer."""
+    from tiny_llama import build_tiny_model
     from transformers import AutoTokenizer
 
-    from conftest import build_tiny_model
     from eco_guard.backends.local import resolve_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("default"))
