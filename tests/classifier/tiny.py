@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 FAST = {"epochs": 1, "augment_copies": 1, "head_steps": 20, "batch_size": 16, "calibration_fraction": 0.5,
-        "positive_holdout_fraction": 0.2, "quantize": False}
+        "positive_holdout_fraction": 0.2, "quantize": False, "prose_negatives": 0, "joined_negatives": 0}
 POS = {
     "wizards": [f"Tell me about the wizard school lesson number {i} on potions" for i in range(12)],
     "space": [f"Which starship fought in space battle {i} near the moon base" for i in range(12)],
