@@ -106,11 +106,11 @@ class TermsFile(_Strict):
 
 DEFAULT_METHOD: Final = "rand_noise_first_n"  # the paper's default corruption
 DEFAULT_DIMS: Final = 1  # the paper's default: only the first embedding dimension
-# Name-only corruption of the fine-tuned SmolLM2 at sigma 3-5 forgot 24 of 25 facts and stayed fluent
-# (DESIGN.md, "Measured here"); the optimiser tunes it per topic.
+# Name-only corruption of SmolLM2 fine-tuned on invented author facts, at sigma 3-5, forgot 24 of 25 facts and
+# stayed fluent; `eco-guard optimize` learns it per topic.
 DEFAULT_STRENGTH: Final = 5.0
 DEFAULT_SEED: Final = 0
-MAX_SEED: Final = 2**63 - 1  # seeds stay within a signed 64-bit integer (torch, JSON, SQLite)
+MAX_SEED: Final = 2**63 - 1  # seeds stay within a signed 64-bit integer (torch, JSON)
 BUILTIN_CORRUPTIONS: Final = (
     "rand_noise_first_n", "rand_noise_rand_n", "rand_noise_top_k", "zero_out_top_k", "zero_out_first_n",
     "flip_sign_first_n", "flip_sign_top_k", "sub_value_top_k", "add_value_least_k", "sub_value_first_n",

@@ -282,7 +282,7 @@ class _NameSpotter:
 
 
 def test_guard_corruptor_follows_the_guards_routing(tiny):
-    """Phase-2 glue: flagged questions get the guard's own mask (the name), others pass unchanged."""
+    """The guard as the benchmark's corruptor: flagged questions get the guard's own mask (the name), others pass unchanged."""
     import scoring
     from eco_guard.backends.local import LocalBackend
     from eco_guard.config import load_config
