@@ -106,7 +106,7 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     clf = PromptClassifier.from_config(load_config(args.config), progress=True)
     texts = [row["text"] for row in read_rows(args.input)]
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115 - or stdout
     try:
         for start in tqdm(range(0, len(texts), args.batch_size), desc="classifying", disable=not args.output):
             batch = texts[start:start + args.batch_size]
@@ -270,7 +270,8 @@ def _add_optimize(subparsers: Any) -> None:
 # ---------------------------------------------------------------- entry point
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eco-guard", description="Unlearning guardrail by embedding-corrupted prompts.")
+    parser = argparse.ArgumentParser(prog="eco-guard",
+                                     description="Unlearning guardrail by embedding-corrupted prompts.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo(subparsers)
     _add_train(subparsers)

@@ -151,7 +151,8 @@ class CorruptionSpec(BaseModel):
     strength: float = Field(
         DEFAULT_STRENGTH, ge=0, allow_inf_nan=False, description="Noise std or added/subtracted value (sigma)."
     )
-    seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED, description="Topic seed; request noise derives from it and the prompt.")
+    seed: int = Field(DEFAULT_SEED, ge=0, le=MAX_SEED,
+                      description="Topic seed; request noise derives from it and the prompt.")
 
     @field_validator("method")
     @classmethod
@@ -201,10 +202,7 @@ class CorruptionSpec(BaseModel):
         from eco_guard.corruption import Generators, request_generators
 
         generator: Generators
-        if keys is None:
-            generator = torch.Generator().manual_seed(self.seed)
-        else:
-            generator = request_generators(self.seed, keys)
+        generator = torch.Generator().manual_seed(self.seed) if keys is None else request_generators(self.seed, keys)
         return self.build()(embeds, mask, generator=generator)
 
 
@@ -238,7 +236,8 @@ class TrainingSettings(BaseModel):
 
     finetune_encoder: bool = Field(True, description="fine-tune the encoder; False trains only the head")
     freeze_embeddings: bool = Field(True, description="keep the token embedding table fixed while fine-tuning "
-                                    "(a third of the cost; keeps rare and misspelt sub-words where pre-training put them)")
+                                    "(a third of the cost; keeps rare and misspelt sub-words where pre-training put "
+                                    "them)")
     frozen_layers: int = Field(0, ge=0, le=100, description=(
         "lowest transformer layers kept fixed while fine-tuning: no backward pass through them "
         "(2 of all-MiniLM-L6-v2's 6 layers: fine-tuning measured 28% faster)"))
@@ -359,7 +358,8 @@ class ModelConfig(_Strict):
     path: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF folder or a .gguf file; "
                       "with backend: remote, a local copy of the served model")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="weights' precision; 'auto': bfloat16 where the CPU has native bf16 kernels, else float32")
+        "float32",
+        description="weights' precision; 'auto': bfloat16 where the CPU has native bf16 kernels, else float32")
     system_prompt: str | None = None
     max_input_tokens: int | None = Field(None, gt=0, description="reject longer prompts; default: the model's context")
     url: str | None = Field(None, validate_default=True, description=(
@@ -561,7 +561,8 @@ def _interpolate(text: str, where: str) -> str:
             return value
         if default is not None:
             return default
-        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set and has no default (use ${{{name}:-value}})")
+        raise ConfigError(f"{where}: environment variable ${{{name}}} is not set and has no default "
+                          f"(use ${{{name}:-value}})")
 
     return _VAR.sub(sub, text)
 

@@ -55,7 +55,7 @@ def _make(name: str, dims: int = 2, strength: float = 3.0) -> Corruptor:
 
 def test_registry_holds_the_seed_methods():
     assert set(CORRUPTORS) == SEED_METHODS
-    assert "rand_noise_first_n" == corruption.DEFAULT_METHOD
+    assert corruption.DEFAULT_METHOD == "rand_noise_first_n"
     with pytest.raises(TypeError):
         CORRUPTORS["x"] = Corruptor  # type: ignore[index]
 
@@ -209,7 +209,8 @@ def test_dims_wider_than_embeddings(embeds, mask):
 )
 def test_bad_inputs(embeds, mask, bad_embeds, bad_mask, fragment):
     with pytest.raises(InputError, match=fragment):
-        _make("rand_noise_first_n")(embeds if bad_embeds is None else bad_embeds, mask if bad_mask is None else bad_mask)
+        corruptor = _make("rand_noise_first_n")
+        corruptor(embeds if bad_embeds is None else bad_embeds, mask if bad_mask is None else bad_mask)
 
 
 def test_generator_count_must_match_rows(embeds, mask):
@@ -218,7 +219,8 @@ def test_generator_count_must_match_rows(embeds, mask):
 
 
 def test_get_corruptor_lists_known_names():
-    with pytest.raises(ConfigError, match="method='nope' is not a known corruption; use one of: add_value_first_n, add_value_least_k, "):
+    known = "method='nope' is not a known corruption; use one of: add_value_first_n, add_value_least_k, "
+    with pytest.raises(ConfigError, match=known):
         get_corruptor("nope")
 
 

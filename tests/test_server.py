@@ -599,6 +599,7 @@ def test_serve_reads_the_server_block_and_flags_override_it(tmp_path, monkeypatc
     assert settings == cfg.server == ServerSettings(port=9001, max_queue=3, expose_decision=True, request_timeout_s=5)
     assert main(["serve", str(path), "--port", "9002", "--max-queue", "7", "--request-timeout", "9"]) == 0
     _, settings = served.pop()
-    assert (settings.port, settings.max_queue, settings.request_timeout_s, settings.expose_decision) == (9002, 7, 9, True)
+    got = (settings.port, settings.max_queue, settings.request_timeout_s, settings.expose_decision)
+    assert got == (9002, 7, 9, True)
     assert main(["serve", str(path), "--port", "70000"]) == 2 and not served
     assert "--port" in capsys.readouterr().err

@@ -16,7 +16,6 @@ FIXTURE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "tofu_mini"
 sys.path.insert(0, str(FIXTURE_DIR))
 import fixture  # noqa: E402
 
-
 # ------------------------------------------------------------------ pure metrics
 
 def test_lcs_length_hand_computed():
@@ -207,6 +206,7 @@ def test_generate_answers_batched_equals_one_by_one(tiny):
 
 def test_keyword_corruptor_touches_only_dim0_of_the_name_tokens(real_tokenizer):
     import scoring
+
     from eco_guard.corruption import CorruptionSpec
 
     item = fixture.load_qa(["forget"])[0]
@@ -257,6 +257,7 @@ def test_measure_returns_per_item_lists(tiny):
 
 def test_answer_corruption_changes_only_answers_that_name_the_author(tiny):
     import scoring
+
     from eco_guard.corruption import CorruptionSpec
 
     model, tokenizer = tiny
@@ -282,8 +283,10 @@ class _NameSpotter:
 
 
 def test_guard_corruptor_follows_the_guards_routing(tiny):
-    """The guard as the benchmark's corruptor: flagged questions get the guard's own mask (the name), others pass unchanged."""
+    """The guard as the benchmark's corruptor: flagged questions get the guard's own mask (the name), others
+    pass unchanged."""
     import scoring
+
     from eco_guard.backends.local import LocalBackend
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
@@ -311,6 +314,7 @@ def test_guard_paper_scoring_corrupts_answers_of_flagged_questions_only(tiny):
     """The paper's scoring under the guard's routing: answer names corrupted only when the
     guard flagged the question; the held-out routing report counts and lists misroutes."""
     import scoring
+
     from eco_guard.backends.local import LocalBackend
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
@@ -318,7 +322,8 @@ def test_guard_paper_scoring_corrupts_answers_of_flagged_questions_only(tiny):
     model, tokenizer = tiny
     guard = Guard(load_config(scoring.ECO_CONFIG), LocalBackend(model, tokenizer), _NameSpotter())
     decisions: dict = {}
-    corrupt, corrupt_answer = scoring.guard_corruptor(guard, decisions), scoring.guard_answer_corruptor(guard, decisions)
+    corrupt = scoring.guard_corruptor(guard, decisions)
+    corrupt_answer = scoring.guard_answer_corruptor(guard, decisions)
     flagged_item = fixture.load_qa(["forget"])[0]
     assert flagged_item.author == "Ilsabet Varnholm"
     unflagged = dataclasses.replace(flagged_item, question="Where was she born?")
@@ -329,7 +334,8 @@ def test_guard_paper_scoring_corrupts_answers_of_flagged_questions_only(tiny):
         assert bool(not torch.isclose(prompt_only[0], both[0], atol=1e-5)) is changes
 
     rows = [{"text": "Where was Ilsabet Varnholm born?", "label": 1, "split": "forget", "form": "question"},
-            {"text": "The Norwegian author who writes in green ink?", "label": 1, "split": "forget", "form": "indirect"},
+            {"text": "The Norwegian author who writes in green ink?", "label": 1, "split": "forget",
+             "form": "indirect"},
             {"text": "Where was Amaru Quispealto born?", "label": 1, "split": "forget", "form": "question"},
             {"text": "What is the capital of France?", "label": 0, "split": "general", "form": "question"}]
     report = scoring.heldout_routing(guard, rows)

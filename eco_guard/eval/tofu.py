@@ -151,7 +151,8 @@ def forget_truth_ratio_stat(ratios: torch.Tensor) -> float:
     return float(torch.minimum(ratios, 1 / ratios).mean())
 
 
-def forget_quality(method_ratios: Sequence[float] | torch.Tensor, retain_ratios: Sequence[float] | torch.Tensor) -> float:
+def forget_quality(method_ratios: Sequence[float] | torch.Tensor,
+                   retain_ratios: Sequence[float] | torch.Tensor) -> float:
     """KS-test p-value between two truth-ratio samples; high = indistinguishable from retain."""
     return float(ks_2samp(_to_list(method_ratios), _to_list(retain_ratios)).pvalue)
 
