@@ -566,7 +566,7 @@ def test_default_gguf_resolves_to_cached_folder_that_loads(real_backend):
     assert config.hidden_size == real_backend.hidden_size
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         # tied embeddings are stored once, as embed_tokens or as lm_head
-        name = next(k for k in f.keys() if "embed_tokens" in k or k == "lm_head.weight")
+        name = next(k for k in f.keys() if "embed_tokens" in k or k == "lm_head.weight")  # noqa: SIM118 - safe_open
         assert torch.equal(f.get_tensor(name), real_backend.model.get_input_embeddings().weight.detach())
     assert LocalBackend.from_pretrained(folder).model is real_backend.model  # one shared copy of the weights
 

@@ -249,7 +249,7 @@ class DecodeScheduler:
                         self._admit(new)
                     if self._active:
                         self._step()
-                except Exception as exc:  # deliver the failure to every request it touched, then start afresh
+                except Exception as exc:  # noqa: BLE001 - deliver the failure to every request it touched, then start afresh
                     for req in {id(r): r for r in self._active + new}.values():
                         req.events.put(exc)
                     self._active, self._cache, self._last = [], None, []

@@ -284,7 +284,8 @@ class LocalBackend(Backend):
         enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         if len(ids) > self.max_input_tokens:
-            raise InputError(f"the prompt is {len(ids)} tokens long; this model accepts at most {self.max_input_tokens}")
+            raise InputError(f"the prompt is {len(ids)} tokens long; this model accepts at most "
+                             f"{self.max_input_tokens}")
         # stripped: surrounding whitespace carries nothing, may merge with template tokens ("\n "),
         # and templates that trim the content would otherwise not contain it at all
         content = users[-1]["content"].strip()

@@ -99,7 +99,8 @@ _KEYBOARD: Final[str] = "qwertyuiopasdfghjklzxcvbnm"
 # A capitalised word may have inner capitals and accents ("McGonagall", "Padmé", "O'Brien").
 _WORD = r"[A-Z][a-zß-öø-ÿ'’]+(?:[A-Z][a-zß-öø-ÿ'’]+)*"
 _NAME = re.compile(rf"(?<![.!?]\s)(?<!^)\b({_WORD}(?:[ -](?:of |the |de )?{_WORD})*)")
-_STOP_NAMES: Final[frozenset[str]] = frozenset({"I", "I'm", "What", "Who", "Why", "How", "The", "In", "A", "Is", "Can", "Do"})
+_STOP_NAMES: Final[frozenset[str]] = frozenset(
+    {"I", "I'm", "What", "Who", "Why", "How", "The", "In", "A", "Is", "Can", "Do"})
 
 
 @functools.cache

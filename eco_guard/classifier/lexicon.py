@@ -113,7 +113,8 @@ def term_pattern(terms: Sequence[str], *, raw: bool = False, ignore_case: bool =
         >>> [bool(p.search(normalize_text(t))) for t in ("obiwan's plan", "two HORCRUXES", "horcruxology")]
         [True, True, False]
     """
-    return _term_pattern(frozenset(t.strip() if raw else normalize_text(t) for t in terms if t.strip()), raw, ignore_case)
+    keys = frozenset(t.strip() if raw else normalize_text(t) for t in terms if t.strip())
+    return _term_pattern(keys, raw, ignore_case)
 
 
 @functools.lru_cache(maxsize=64)
@@ -217,7 +218,8 @@ class TermMatcher:
         self._terms_with: dict[str, list[tuple[tuple[str, ...], int]]] = {}
         # sorted: the same span is reported in every process (sets iterate in a per-process order)
         fuzzy_terms = terms if typos else []
-        for words in sorted({tuple(_WORDS.findall(n)) for n in map(normalize_text, fuzzy_terms) if _FUZZY_TERM.fullmatch(n)}):
+        fuzzy = {tuple(_WORDS.findall(n)) for n in map(normalize_text, fuzzy_terms) if _FUZZY_TERM.fullmatch(n)}
+        for words in sorted(fuzzy):
             for k, word in enumerate(words):
                 if len(word) >= (_FUZZY_WORD_MIN_LEN if len(words) > 1 else fuzzy_word_min_len):
                     self._terms_with.setdefault(word, []).append((words, k))
@@ -298,11 +300,11 @@ def english_words() -> frozenset[str]:
 
 def _unshielded(pattern: re.Pattern[str], text: str, shield: re.Pattern[str] | None) -> str | None:
     """The first match of ``pattern`` in ``text`` that lies inside no match of ``shield``."""
-    m = pattern.search(text)
-    if m is None or shield is None:
-        return m.group(0) if m else None
+    first = pattern.search(text)
+    if first is None or shield is None:
+        return first.group(0) if first else None
     inside = [e.span() for e in shield.finditer(text)]
-    for m in pattern.finditer(text, m.start()):
+    for m in pattern.finditer(text, first.start()):
         if not any(a <= m.start() and m.end() <= b for a, b in inside):
             return m.group(0)
     return None

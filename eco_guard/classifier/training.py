@@ -87,7 +87,9 @@ def fit(net: TopicNet, windows: Windows, positives: Mapping[str, Sequence[str]],
     # themselves ("Write a short essay about ...") became topic cues (dev FPR 0.0% -> 1.7%).
     term_pos = {t: term_prompts(terms.get(t, ()), rng, per_term=s.term_prompts) for t in train_pos} if terms else {}
     n_topic = sum(map(len, term_pos.values()))
-    per_contrast = max(s.term_prompts, math.ceil(n_topic / len(contrast_terms))) if contrast_terms and s.term_prompts else 0
+    per_contrast = 0
+    if contrast_terms and s.term_prompts:
+        per_contrast = max(s.term_prompts, math.ceil(n_topic / len(contrast_terms)))
     term_neg = term_prompts(contrast_terms, rng, per_term=per_contrast)
     if len(term_neg) > (cap := max(n_topic, len(contrast_terms))):  # as many as the topics' (rounding up overshoots)
         term_neg = rng.sample(term_neg, cap)
@@ -98,7 +100,8 @@ def fit(net: TopicNet, windows: Windows, positives: Mapping[str, Sequence[str]],
         labels += [[float(j == i) for j in range(len(positives))] for _ in term_pos.get(topic, [])]
     texts += term_neg
     labels += [[0.0] * len(positives) for _ in term_neg]
-    joined = [" ".join(rng.sample(train_neg, min(len(train_neg), rng.randint(3, 8)))) for _ in range(s.joined_negatives)]
+    joined = [" ".join(rng.sample(train_neg, min(len(train_neg), rng.randint(3, 8))))
+              for _ in range(s.joined_negatives)]
     joined += [" ".join(rng.sample(prose, min(len(prose), rng.randint(4, 15)))) for _ in range(s.prose_negatives)]
     texts += joined
     labels += [[0.0] * len(positives) for _ in joined]
@@ -142,7 +145,7 @@ def _examples(train_pos: Mapping[str, list[str]], train_neg: list[str], s: Train
     in the middle of a document must stay a topic question.
     """
     labels: dict[str, list[float]] = {t: [0.0] * len(topics) for t in train_neg}
-    group: dict[str, str] = {t: _NEGATIVE_GROUP for t in train_neg}
+    group: dict[str, str] = dict.fromkeys(train_neg, _NEGATIVE_GROUP)
     for i, topic in enumerate(topics):
         for text in train_pos[topic]:
             labels.setdefault(text, [0.0] * len(topics))[i] = 1.0  # a positive wins over a negative duplicate
@@ -208,7 +211,10 @@ def _finetune(net: TopicNet, windows: Windows, ids: list[list[int]], y: torch.Te
     batches_per_epoch = math.ceil(len(ids) / s.batch_size)
     total = batches_per_epoch * s.epochs
     warmup = max(1, int(total * s.warmup_fraction))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min((k + 1) / warmup, max(0.0, (total - k) / (total - warmup + 1))))
+    def schedule(k: int) -> float:
+        return min((k + 1) / warmup, max(0.0, (total - k) / (total - warmup + 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     loss_fn = nn.BCEWithLogitsLoss()
     losses: list[float] = []
     net.train()

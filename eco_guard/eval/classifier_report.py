@@ -91,7 +91,8 @@ def evaluate(clf: PromptClassifier, rows: Sequence[EvalRow]) -> dict[str, Any]:
                                "fnr": _rate(fn, len(pos)), "negatives": len(negatives), "false_positives": fp,
                                "fpr": _rate(fp, len(negatives))}
     flagged_neg = sum(v.flagged for _, v in negatives)
-    report["overall"] = {"negatives": len(negatives), "flagged": flagged_neg, "fpr_any_topic": _rate(flagged_neg, len(negatives))}
+    report["overall"] = {"negatives": len(negatives), "flagged": flagged_neg,
+                         "fpr_any_topic": _rate(flagged_neg, len(negatives))}
     for name in GROUP_FIELDS:
         values = sorted({r.fields[name] for r in rows if name in r.fields})
         if values:
@@ -145,10 +146,13 @@ def to_markdown(report: dict[str, Any], title: str = "Prompt classifier evaluati
         lines.append(f"| {t} | {m['threshold']:.4g} | {m['positives']} | {_pct(m['fnr'])} ({m['false_negatives']}) "
                      f"| {m['negatives']} | {_pct(m['fpr'])} ({m['false_positives']}) |")
     o = report["overall"]
-    lines += ["", f"Negatives flagged for any topic: {_pct(o['fpr_any_topic'])} ({o['flagged']} of {o['negatives']}).", ""]
+    flagged = f"Negatives flagged for any topic: {_pct(o['fpr_any_topic'])} ({o['flagged']} of {o['negatives']})."
+    lines += ["", flagged, ""]
     for name, groups in report["groups"].items():
-        lines += [f"## By {name}", "", f"| {name} | positives | FNR | negatives | FPR (any topic) |", "|---|---|---|---|---|"]
-        lines += [f"| {v} | {g['positives']} | {_pct(g['fnr'])} | {g['negatives']} | {_pct(g['fpr'])} |" for v, g in groups.items()]
+        lines += [f"## By {name}", "", f"| {name} | positives | FNR | negatives | FPR (any topic) |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {v} | {g['positives']} | {_pct(g['fnr'])} | {g['negatives']} | {_pct(g['fpr'])} |"
+                  for v, g in groups.items()]
         lines.append("")
     labels, counts = report["confusion"]["labels"], report["confusion"]["counts"]
     lines += ["## Confusion (rows: true topic, columns: predicted)", "",

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_the_public_api_is_exported():
     for name in ("PromptClassifier", "Classification", "read_prompts", "read_rows", "default_encoder_path",
-                 "TrainingData", "suggest_terms", "normalize_text", "add_typos", "TrainingSettings", "DecisionSettings"):
+                 "TrainingData", "suggest_terms", "normalize_text", "add_typos", "TrainingSettings",
+                 "DecisionSettings"):
         assert name in classifier.__all__ and getattr(classifier, name) is not None, name
     assert eco_guard.PromptClassifier is classifier.PromptClassifier
     assert eco_guard.TrainingSettings is classifier.TrainingSettings

@@ -50,7 +50,8 @@ def test_frozen_layers_stay_fixed_while_the_rest_trains(tiny_encoder):
 
     assert layer_changed(0) and not layer_changed(1)
     with pytest.raises(ConfigError, match="frozen_layers: 2 exceeds the encoder's 1 layers"):
-        PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False, settings={**FAST, "frozen_layers": 2})
+        PromptClassifier.train(POS, NEG, encoder=str(tiny_encoder), progress=False,
+                               settings={**FAST, "frozen_layers": 2})
 
 
 def test_encoder_layers_keep_the_lowest_layers_and_save_as_such(tmp_path):
