@@ -127,6 +127,23 @@ def model_display_name(path: str | os.PathLike[str]) -> str:
 _TOKEN_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
+def embedding_fingerprint(matrix: torch.Tensor) -> str:
+    """``sha256:<hex>`` of an embedding matrix in float32: equal for a local model and a remote backend's copy."""
+    weights = matrix.detach().to(torch.float32).contiguous()
+    return "sha256:" + hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+
+
+def left_padded_ids(prompts: Sequence[PreparedPrompt], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``(batch, width)`` padded on the left with ``pad_id``, and the attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p.input_ids)
+        attn[row, width - len(p):] = 1
+    return ids, attn
+
+
 def _max_token_bytes(tokenizer: Any) -> int:
     """The most UTF-8 bytes one token of this vocabulary stands for (0.2 s for 49k tokens: once per tokenizer)."""
     if tokenizer not in _TOKEN_BYTES:
@@ -319,12 +336,7 @@ class LocalBackend(Backend):
 
     def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded float32 prompt embeddings ``(batch, seq, dim)`` and the attention mask."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p.input_ids)
-            attn[row, width - len(p):] = 1
+        ids, attn = left_padded_ids(prompts, self.pad_id)
         with torch.no_grad():  # not inference_mode: callers corrupt rows of this tensor in place
             embeds = torch.nn.functional.embedding(ids, self._embedding)
         return embeds, attn
@@ -347,8 +359,7 @@ class LocalBackend(Backend):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # 0.1-0.2 s for SmolLM2's 49152 x 576 matrix: once per backend
-            weights = self.model.get_input_embeddings().weight.detach().to(torch.float32).contiguous()
-            self._fingerprint = "sha256:" + hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+            self._fingerprint = embedding_fingerprint(self.model.get_input_embeddings().weight)
         return self._fingerprint
 
     def score(self, prompt: PreparedPrompt, plan: CorruptionPlan | None, continuation: str) -> tuple[float, int]:

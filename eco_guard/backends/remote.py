@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import os
@@ -48,7 +47,14 @@ from eco_guard.backends.base import (
     PreparedPrompt,
     StreamEvent,
 )
-from eco_guard.backends.local import LocalBackend, _max_token_bytes, model_display_name, resolve_model_dir
+from eco_guard.backends.local import (
+    LocalBackend,
+    _max_token_bytes,
+    embedding_fingerprint,
+    left_padded_ids,
+    model_display_name,
+    resolve_model_dir,
+)
 from eco_guard.config import DEFAULT_REMOTE_BACKOFF_S, DEFAULT_REMOTE_RETRIES, DEFAULT_REMOTE_TIMEOUT_S
 from eco_guard.errors import ConfigError, EcoGuardError, InputError
 
@@ -203,18 +209,12 @@ class RemoteBackend(Backend):
         """``sha256:<hex>`` of the embedding matrix, as :meth:`LocalBackend.fingerprint` computes it: a
         corruption learned on the local model is found in the store for the same model served remotely."""
         if self._fingerprint is None:
-            weights = self.embedding.detach().to(torch.float32).contiguous()
-            self._fingerprint = "sha256:" + hashlib.sha256(weights.numpy().tobytes()).hexdigest()
+            self._fingerprint = embedding_fingerprint(self.embedding)
         return self._fingerprint
 
     def embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt embeddings ``(batch, seq, dim)`` looked up in the local matrix, and the mask."""
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p.input_ids)
-            attn[row, width - len(p):] = 1
+        ids, attn = left_padded_ids(prompts, self.pad_id)
         return torch.nn.functional.embedding(ids, self.embedding), attn
 
     # ------------------------------------------------------------ requests
