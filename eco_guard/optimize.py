@@ -73,7 +73,7 @@ class ZOResult:
 
 def zeroth_order_scalar(f: Callable[[float, int], float], x0: float, *, eps: float, lr: float, steps: int,
                         x_min: float = -math.inf, clip_low: float | None = None, seed: int = 0,
-                        plateau_step: float = 0.0, plateau_direction: float = 1.0,
+                        plateau_step: float = 0.0, plateau_direction: float = 1.0, max_step: float = math.inf,
                         reached: Callable[[float, float], bool] | None = None,
                         progress: bool = False, desc: str = "zeroth-order") -> ZOResult:
     """Minimise ``f(x, seed)`` with the finite-difference step g = [f(x+ε) − f(lo)] / (x + ε − lo).
@@ -83,7 +83,9 @@ def zeroth_order_scalar(f: Callable[[float, int], float], x0: float, *, eps: flo
     differs between them only through ``x``; ``x ← max(x − lr·g, x_min)``. ``reached(x, f(x))`` stops early.
     A step shorter than ``plateau_step`` is replaced by ``plateau_step`` in ``plateau_direction``: where the
     objective barely responds (too little noise to matter yet), the estimate's sign is noise, and a caller
-    that knows which way the target lies (knowledge only falls as corruption grows) says so.
+    that knows which way the target lies (knowledge only falls as corruption grows) says so. A step longer
+    than ``max_step`` is cut to it: a penalty that switches on between x−ε and x+ε makes the estimate huge,
+    and following it whole throws x far past the region worth searching.
     """
     x, history = float(x0), []
     value = f(x, seed)
@@ -100,6 +102,7 @@ def zeroth_order_scalar(f: Callable[[float, int], float], x0: float, *, eps: flo
         move = -lr * grad
         if abs(move) < plateau_step:
             move = math.copysign(plateau_step, plateau_direction)
+        move = max(-max_step, min(max_step, move))
         x = max(x + move, x_min)
         value = f(x, seed)
         bar.update(1)
@@ -302,11 +305,12 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
                  "zero_out_top_k", "flip_sign_top_k"), modes: Sequence[str] = ("content",),
                  dims: Sequence[int] = (1,), keywords: Sequence[str] = (), target_hit_rate: float = 0.1,
                  max_fluency_ratio: float = 2.0, max_repetition: float = 0.1, strength0: float = 1.0,
-                 steps: int = 12, eps: float = 0.3,
-                 lr: float = 4.0, plateau_step: float = 0.5, seed: int = 0, progress: bool = True) -> SearchResult:
+                 steps: int = 12, eps: float = 0.3, lr: float = 4.0, plateau_step: float = 0.5,
+                 max_step: float = 1.0, seed: int = 0, progress: bool = True) -> SearchResult:
     """Try each method × dims × selection mode; for methods with a strength, learn it (log σ) by the
     zeroth-order step until the hit rate reaches ``target_hit_rate``; pick the candidate that reaches it
     with the best fluency (within ``max_fluency_ratio`` if any does), else the one with the least knowledge.
+    A candidate's strength is the best point the search measured, by the same rule, not merely its last.
 
     The loss is the drop of the surrogate log-probability below the plain model's (never above zero) plus a
     penalty once fluency or repetition passes its bound, so the step does not push the strength past the
@@ -346,14 +350,14 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             return measure(math.exp(x)).hit_rate <= target_hit_rate
 
         if get_corruptor(method).uses_strength:
-            run = zeroth_order_scalar(loss, math.log(strength0), eps=eps, lr=lr, steps=steps, seed=seed,
-                                      x_min=math.log(1e-4), plateau_step=plateau_step, reached=reached,
-                                      progress=progress, desc=f"{method} d{d} {mode}")
-            strength = round(math.exp(run.x), 6)
+            zeroth_order_scalar(loss, math.log(strength0), eps=eps, lr=lr, steps=steps, seed=seed,
+                                x_min=math.log(1e-4), plateau_step=plateau_step, max_step=max_step,
+                                reached=reached, progress=progress, desc=f"{method} d{d} {mode}")
         else:
-            strength = 0.0
-        m = measure(strength)
-        candidates.append(Candidate(method, d, strength, mode, m, m.hit_rate <= target_hit_rate, len(cache)))
+            measure(0.0)
+        tried = [Candidate(method, d, strength, mode, m, m.hit_rate <= target_hit_rate, len(cache))
+                 for strength, m in cache.items()]
+        candidates.append(_best(tried, max_fluency_ratio, repetition_bound))
     best = _best(candidates, max_fluency_ratio, repetition_bound)
     return SearchResult(objective.topic, best, candidates, objective.baseline, target_hit_rate, max_fluency_ratio,
                         len(objective.known), objective.n_questions, curves)
@@ -367,8 +371,9 @@ def _best(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetit
     if fluent:
         return min(fluent, key=lambda c: (c.measurement.fluency_ratio, c.measurement.repetition))
     reached = [c for c in candidates if c.reached]
-    pool = reached or list(candidates)
-    return min(pool, key=lambda c: (c.measurement.hit_rate, c.measurement.fluency_ratio))
+    if reached:  # all forget enough: the least babble
+        return min(reached, key=lambda c: (c.measurement.fluency_ratio, c.measurement.repetition))
+    return min(candidates, key=lambda c: (c.measurement.hit_rate, c.measurement.fluency_ratio))
 
 
 # ---------------------------------------------------------------- one config, end to end

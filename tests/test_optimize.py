@@ -181,3 +181,12 @@ def test_questions_with_context_are_learned_as_rag_requests(tiny_backend, tmp_pa
     item = QAItem("Which wizard?", ("x",), ("A wizard called X.",))
     answer = tiny_guard(tiny_backend).plan(item.request())
     assert "A wizard called X." in answer.prompt.text and answer.decision.passages_flagged == 1
+
+
+def test_a_step_is_cut_to_max_step():
+    # a cliff between x-eps and x+eps gives a huge estimate; the step still moves at most max_step
+    def cliff(x: float, _seed: int) -> float:
+        return 0.0 if x < 0.05 else 1000.0
+    run = zeroth_order_scalar(cliff, 0.0, eps=0.1, lr=1.0, steps=1, max_step=0.5)
+    assert run.history[0]["grad"] > 1000
+    assert run.x == pytest.approx(-0.5)
