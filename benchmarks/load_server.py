@@ -1,7 +1,7 @@
 """Load on ``eco-guard serve``: throughput, latency and time to first token at several client concurrencies.
 
     .venv/bin/python benchmarks/load_server.py [--config CONFIG] [--requests 64] [--concurrency 1,4,16]
-                                               [--max-tokens 16] [--max-concurrency N] [--max-queue N]
+                                               [--max-tokens 16] [--max-concurrency N] [--max-queue N] [--fault]
 
 Starts ``eco-guard serve`` (the embedded demo config unless ``--config``) on loopback in a subprocess, then
 per concurrency level sends ``--requests`` chat completions with the ``openai`` async client (no client
@@ -10,6 +10,14 @@ latency (to the last byte), p50 time to the first content token of the streamed 
 Every reply is compared with the answer the first level (concurrency 1: sequential) gave for its prompt, so a
 lost or mixed-up reply under load counts as ``mismatched``; the server's ``/metrics`` route counts say how
 many requests the guard corrupted. The server is stopped (SIGTERM, drained) at the end.
+
+``--fault``: after the load, a streamed chat completion whose server is SIGKILLed once the first content token
+arrives (the client's error is recorded), then a fresh server and the same request again (it must succeed and
+equal the sequential answer).
+
+Last, with no server running, the same requests at the last client concurrency through a guard in this process,
+built as the server builds it (``Guard.plan(...)``, then ``generate()``, or ``stream()`` for the streamed ones,
+from a thread pool of that size): ``server / in-process`` is the server's requests/s over that one's.
 Writes ``benchmarks/results/server.json`` and ``server.md``.
 """
 
@@ -26,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final
 
@@ -51,7 +60,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(args: argparse.Namespace) -> Any:
-    """``eco-guard serve`` in a subprocess; yields its base URL; SIGTERM (drain) on the way out."""
+    """``eco-guard serve`` in a subprocess; yields its base URL and process; SIGTERM (drain) on the way out."""
     port = _free_port()
     cmd = [sys.executable, "-m", "eco_guard.cli", "serve", *([args.config] if args.config else []),
            "--port", str(port), "--max-tokens-cap", str(max(args.max_tokens, 1))]
@@ -75,7 +84,7 @@ def running_server(args: argparse.Namespace) -> Any:
                     if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                         break
                 time.sleep(0.5)
-            yield url
+            yield url, proc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -93,6 +102,11 @@ def _routes(url: str) -> dict[str, float]:
             route = line.split('route="', 1)[1].split('"', 1)[0]
             out[route] = out.get(route, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+def _streamed(i: int) -> bool:
+    """Request ``i`` is streamed every other round of prompts, so each prompt is asked both ways."""
+    return (i // len(PROMPTS)) % 2 == 1
 
 
 async def _one(client: openai.AsyncOpenAI, model: str, prompt: str, stream: bool, max_tokens: int) -> dict[str, Any]:
@@ -132,12 +146,12 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 async def _level(url: str, model: str, concurrency: int, n: int, max_tokens: int) -> tuple[dict[str, Any], list]:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    client = _client(url)
     gate = asyncio.Semaphore(concurrency)
 
     async def gated(i: int) -> dict[str, Any]:
-        async with gate:  # streamed: every other round of prompts, so each prompt is asked both ways
-            return await _one(client, model, PROMPTS[i % len(PROMPTS)], (i // len(PROMPTS)) % 2 == 1, max_tokens)
+        async with gate:
+            return await _one(client, model, PROMPTS[i % len(PROMPTS)], _streamed(i), max_tokens)
     started = time.perf_counter()
     results = await asyncio.gather(*(gated(i) for i in range(n)))
     wall = time.perf_counter() - started
@@ -155,6 +169,57 @@ async def _level(url: str, model: str, concurrency: int, n: int, max_tokens: int
            "latency_p50_s": _quantile(latencies, 0.5), "latency_p95_s": _quantile(latencies, 0.95),
            "ttft_p50_s": _quantile(ttfts, 0.5), "streamed": sum(r["stream"] for r in ok)}
     return row, results
+
+
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
+
+
+async def _killed_mid_stream(url: str, model: str, proc: subprocess.Popen, max_tokens: int) -> dict[str, Any]:
+    """Stream ``PROMPTS[0]``, SIGKILL the server at its first content token, and say what the client got."""
+    client, pieces, error = _client(url), [], None
+    try:
+        chunks = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                                      max_tokens=max_tokens, temperature=0, stream=True)
+        async for chunk in chunks:
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                pieces.append(text)
+                if len(pieces) == 1:
+                    proc.kill()
+                    proc.wait()
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises is the measurement
+        cause = f" (from {type(exc.__cause__).__module__}.{type(exc.__cause__).__qualname__}: {exc.__cause__})"
+        error = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}{cause if exc.__cause__ else ''}"
+    finally:
+        await client.close()
+    return {"prompt": PROMPTS[0], "killed": proc.returncode == -signal.SIGKILL, "pieces_before_error": len(pieces),
+            "client_error": error}
+
+
+async def _retried(url: str, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+    client = _client(url)
+    try:
+        return await _one(client, model, prompt, True, max_tokens)
+    finally:
+        await client.close()
+
+
+def _in_process(config: str | None, concurrency: int, n: int, max_tokens: int) -> tuple[float, list[str]]:
+    """Requests/s and replies of the same mix through a guard in this process, ``concurrency`` threads."""
+    from eco_guard.guard import Guard
+
+    guard = Guard.from_config(load_config(config))
+
+    def one(i: int) -> str:
+        answer = guard.plan([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_new_tokens=max_tokens,
+                            do_sample=False)
+        return "".join(e.text for e in answer.stream()) if _streamed(i) else answer.generate().text
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(len(PROMPTS))))  # warm-up, not counted
+        started = time.perf_counter()
+        texts = list(pool.map(one, range(n)))
+        return n / (time.perf_counter() - started), texts
 
 
 def _mismatched(results: list[dict[str, Any]], reference: dict[str, str]) -> int:
@@ -180,6 +245,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     note = (f"Guard routes over the run (from /metrics): {routes}. `mismatched`: replies that differ from the "
             "sequential (concurrency 1) answer to the same prompt.")
     lines += ["", note, ""]
+    ref = report["in_process"]
+    lines += [(f"In-process guard (no server running), same prompt mix at concurrency {ref['concurrency']}: "
+               f"{s(ref['requests_per_s'])} req/s, {ref['mismatched']} mismatched; server / in-process = "
+               f"{s(ref['server_over_in_process'])}."), ""]
+    if (f := report.get("fault")) is not None:
+        got = f"`{f['client_error']}`" if f["client_error"] else "no error"
+        retry = "succeeded" if f["retry_ok"] else f"failed ({f['retry_error']})"
+        same = "equals" if f["retry_matches"] else "differs from"
+        lines += [(f"Fault run: the server was SIGKILLed after {f['pieces_before_error']} streamed content "
+                   f"piece(s) of `{f['prompt']}`; the client got {got}. On a fresh server the same request "
+                   f"{retry} and {same} the sequential answer."), ""]
     return "\n".join(lines)
 
 
@@ -191,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-concurrency", type=int, default=None, help="server generation threads (default: config)")
     ap.add_argument("--max-queue", type=int, default=None, help="server admission queue (default: config)")
+    ap.add_argument("--fault", action="store_true", help="also SIGKILL a server mid-stream, then retry on a new one")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
     loadavg_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    with running_server(args) as url:
+    fault = None
+    with running_server(args) as (url, proc):
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         asyncio.run(_level(url, model, 1, len(PROMPTS), args.max_tokens))  # warm-up, not counted
         before = _routes(url)
@@ -212,13 +290,27 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ttft_p50_s'] or float('nan'):.3f} s, 429 {row['rate_limited_429']}, errors "
                   f"{sum(row['errors'].values())}, mismatched {row['mismatched']}", flush=True)
         after = _routes(url)
+        if args.fault:
+            fault = asyncio.run(_killed_mid_stream(url, model, proc, args.max_tokens))
+    if fault is not None:
+        with running_server(args) as (url, _):
+            retry = asyncio.run(_retried(url, model, fault["prompt"], args.max_tokens))
+        fault |= {"retry_ok": "text" in retry, "retry_error": retry.get("error"),
+                  "retry_matches": retry.get("text") == reference.get(fault["prompt"])}
+        print(f"fault: {fault}", flush=True)
+    rate, texts = _in_process(args.config, levels[-1], args.requests, args.max_tokens)
+    in_process = {"concurrency": levels[-1], "requests": args.requests, "requests_per_s": rate,
+                  "mismatched": sum(t != reference.get(PROMPTS[i % len(PROMPTS)]) for i, t in enumerate(texts)),
+                  "server_over_in_process": (rows[-1]["requests_per_s"] or 0.0) / rate}
+    print(f"in-process: {in_process}", flush=True)
     configured = load_config(args.config).server
     server = (f"max_concurrency {args.max_concurrency or configured.max_concurrency}, "
               f"max_queue {args.max_queue or configured.max_queue}")
     report = {"config": args.config or "embedded demo", "requests": args.requests, "max_tokens": args.max_tokens,
               "server": server, "cpus": os.cpu_count(), "loadavg_before": loadavg_before,
               "loadavg_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-              "routes": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}, "levels": rows}
+              "routes": {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}, "levels": rows,
+              "in_process": in_process, "fault": fault}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "server.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "server.md").write_text(to_markdown(report))

@@ -495,8 +495,9 @@ class ServerSettings(_Strict):
     max_embed_tokens: int = Field(2048, gt=0, description="most rows a prompt_embeds tensor may have "
                                   "(also capped by the model's max_input_tokens)")
     max_tokens_cap: int = Field(512, gt=0, description="largest max_tokens a request may ask for")
-    max_concurrency: int = Field(1, gt=0, description="generations running at once (worker threads)")
-    max_queue: int = Field(16, gt=0, description="requests admitted at once, running or waiting; more get 429")
+    max_concurrency: int = Field(16, gt=0, description="generations running at once (worker threads; the local "
+                                 "backend decodes them together in one batch)")
+    max_queue: int = Field(64, gt=0, description="requests admitted at once, running or waiting; more get 429")
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 and 503")
     request_timeout_s: float = Field(120.0, gt=0, description="a completion still running after this stops: "
                                      "a 504, or an error event ending a stream")
