@@ -221,8 +221,8 @@ def _add_serve(subparsers: Any) -> None:
     sp.add_argument("--expose-decision", action="store_true", default=None, help="add the guard's decision to replies")
     sp.add_argument("--enable-prompt-embeds", action="store_true", default=None,
                     help="accept vLLM-style prompt_embeds on /v1/completions (unclassified: trusted callers only)")
-    sp.add_argument("--max-concurrency", type=int, help="generations running at once (default 1)")
-    sp.add_argument("--max-queue", type=int, help="requests admitted at once; more get 429 (default 16)")
+    sp.add_argument("--max-concurrency", type=int, help="generations running at once (default 16)")
+    sp.add_argument("--max-queue", type=int, help="requests admitted at once; more get 429 (default 64)")
     sp.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask for (default 512)")
     sp.add_argument("--request-timeout", dest="request_timeout_s", type=float,
                     help="seconds before a completion gets 504 (default 120)")
