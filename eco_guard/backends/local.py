@@ -42,14 +42,14 @@ from eco_guard.backends.base import (
     StreamEvent,
 )
 from eco_guard.backends.batching import DEFAULT_MAX_BATCH, DecodeRequest, DecodeScheduler
-from eco_guard.backends.packing import pack_linears
+from eco_guard.backends.packing import pack_linears, quantize_linears
 from eco_guard.config import default_cache_dir
 from eco_guard.errors import ConfigError, InputError
-from eco_guard.precision import resolved_precision
+from eco_guard.precision import native_bf16, resolved_precision
 
 __all__ = ["LocalBackend", "default_gguf_path", "model_display_name", "resolve_model_dir"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
 
 
 # ---------------------------------------------------------------- model files
@@ -244,7 +244,8 @@ class LocalBackend(Backend):
         Loaded weights are shared between backends of the same folder and dtype
         (they are never written to), so building several guards costs one copy.
         ``dtype`` is ``auto`` (bfloat16 where the CPU has native bf16 kernels, else float32),
-        ``float32``, ``bfloat16`` or ``float16``; a reduced precision keeps a float32 copy of the
+        ``float32``, ``bfloat16``, ``float16`` or ``int8`` (int8 linear weights, everything else in bfloat16 where
+        the CPU has native bf16 kernels, else float32); a reduced precision keeps a float32 copy of the
         embedding matrix for exact corruption, and bfloat16 linear layers are packed for oneDNN.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -259,7 +260,11 @@ class LocalBackend(Backend):
                 tokenizer = AutoTokenizer.from_pretrained(folder)
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
                 embedding = model.get_input_embeddings().weight.detach()
-                if dtype != "float32":
+                if dtype == "int8":
+                    embedding = embedding.clone()
+                    model = model.to(torch.bfloat16 if native_bf16() else torch.float32)
+                    quantize_linears(model)
+                elif dtype != "float32":
                     embedding = embedding.clone()
                     model = model.to(_DTYPES[dtype])
                     pack_linears(model)
