@@ -1,6 +1,6 @@
 """Unlearning through the whole guard: does a flagged question lose its knowledge, and nothing else?
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1] [--dtype bfloat16]
 
 The embedded demo guard (SmolLM2-135M-Instruct forgets Harry Potter) answers questions nobody tuned a
 corruption on: the dev Harry Potter questions (``benchmarks/data/topics/harry_potter/qa.jsonl``) and the
@@ -12,9 +12,10 @@ routing, token selection and corruption as served. Of the questions the plain mo
 - fluency: perplexity of the guarded replies under the plain model over that of the plain replies
   (target <= 2).
 
-The demo config's hand-set corruption (sigma 7), what ``eco-guard optimize`` chose on the demo's plain
-questions (zero_out_top_k, dims 1), and the paper's fixed choices (rand_noise_first_n, dims 1, sigma 100
-and 1e6). Writes ``benchmarks/results/unlearning.{json,md,png}``.
+The demo config's learned corruption (its store, ``eco_guard/data/default.eco.json``), the hand-set sigma 7 it
+replaced, zero_out_top_k on 1 dim, and the paper's fixed choices (rand_noise_first_n, dims 1, sigma 100 and
+1e6). Writes ``benchmarks/results/unlearning.{json,md,png}`` (``unlearning-<dtype>.*`` with ``--dtype``:
+the same guard with its model weights in another precision).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from eco_guard.config import CorruptionSpec, SelectionConfig  # noqa: E402
+from eco_guard.config import CorruptionSpec, SelectionConfig, load_config  # noqa: E402
 from eco_guard.guard import Guard  # noqa: E402
 from eco_guard.optimize import KnowledgeObjective, read_qa  # noqa: E402
 
@@ -45,15 +46,19 @@ def variants(guard: Guard) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
     demo, selection = guard.corruption_of(TOPIC)
     content = SelectionConfig(mode="content")
     return {
-        f"demo config ({demo.method}, dims {demo.dims}, sigma {demo.strength:g}, {selection.mode})": (demo, selection),
+        f"demo config, learned ({demo.method}, dims {demo.dims}, {selection.mode})": (demo, selection),
+        "hand-set rand_noise_first_n dims 1, sigma 7 (content)": (CorruptionSpec(strength=7.0), content),
         "zero_out_top_k dims 1 (content)": (CorruptionSpec(method="zero_out_top_k", dims=1), content),
         "paper sigma 100 (content)": (CorruptionSpec(strength=100.0), content),
         "paper sigma 1e6 (content)": (CorruptionSpec(strength=1e6), content),
     }
 
 
-def run(max_new_tokens: int) -> dict:
-    guard = Guard.from_config(None)
+def run(max_new_tokens: int, dtype: str | None = None) -> dict:
+    cfg = load_config(None)
+    if dtype:
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
+    guard = Guard.from_config(cfg)
     forget_items = read_qa(DATA / "topics" / TOPIC / "qa.jsonl")
     forget = KnowledgeObjective(guard, TOPIC, forget_items, max_new_tokens=max_new_tokens)
     retain = KnowledgeObjective(guard, TOPIC, read_qa(DATA / "retain" / "qa.jsonl"), max_new_tokens=max_new_tokens)
@@ -67,14 +72,15 @@ def run(max_new_tokens: int) -> dict:
                      "seconds": round(time.perf_counter() - started, 1), "forget_replies": list(f.replies)})
         print(f"{name}: forget kept {f.hit_rate:.0%} of {len(forget.known)}, retain kept {r.hit_rate:.0%} of "
               f"{len(retain.known)}, fluency {f.fluency_ratio:.2f}", flush=True)
-    return {"model": guard.model_name, "max_new_tokens": max_new_tokens, "targets": TARGETS,
+    return {"model": guard.model_name, "dtype": cfg.model.dtype, "max_new_tokens": max_new_tokens, "targets": TARGETS,
             "forget_known": len(forget.known), "forget_questions": forget.n_questions,
             "retain_known": len(retain.known), "retain_questions": retain.n_questions, "rows": rows}
 
 
 def to_markdown(report: dict) -> str:
     lines = ["# Unlearning through the guard (embedded demo, held-out questions)", "",
-             (f"Model {report['model']}, greedy, {report['max_new_tokens']} new tokens. Forget: the "
+             (f"Model {report['model']} ({report.get('dtype', 'float32')}), greedy, {report['max_new_tokens']} "
+              "new tokens. Forget: the "
               f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
               f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget "
               f"kept <= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency <= "
@@ -116,13 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                        help="model weights' precision (default: the demo config's)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = run(args.max_new_tokens)
+    report = run(args.max_new_tokens, args.dtype)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "unlearning.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (OUT / "unlearning.md").write_text(to_markdown(report), encoding="utf-8")
-    plot(report, OUT / "unlearning.png")
+    stem = f"unlearning-{args.dtype}" if args.dtype else "unlearning"
+    (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (OUT / f"{stem}.md").write_text(to_markdown(report), encoding="utf-8")
+    plot(report, OUT / f"{stem}.png")
     print(to_markdown(report))
 
 

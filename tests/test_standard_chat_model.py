@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -42,6 +43,22 @@ def tiny_model_folder() -> str:
     build_tiny_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@functools.cache
+def fixed_corruption_config() -> str:
+    """The demo config with its learned corruption written out as a fixed spec. The per-call ``model=`` override
+    answers with another model, and a learned corruption belongs to the model it was learned on (another
+    model's fingerprint is refused), so the suite runs on the corruption the store holds, stated in the YAML."""
+    source = default_config_path()
+    learned = json.loads(source.with_name("default.eco.json").read_text())["topics"]["harry_potter"]["corruption"]
+    spec = ", ".join(f"{k}: {v}" for k, v in learned.items())
+    text = source.read_text().replace("corruption: learned", f"corruption: {{{spec}}}")
+    assert "corruption: learned" not in text
+    root = Path(tempfile.mkdtemp(prefix="eco-guard-test-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    (root / "guard.yaml").write_text(text.replace("demo/", f"{source.parent}/demo/"))
+    return str(root / "guard.yaml")
 
 
 class _Capabilities:
@@ -103,6 +120,10 @@ class TestECOChatModelUnit(_Capabilities, ChatModelUnitTests):
 
 @pytest.mark.integration
 class TestECOChatModelIntegration(_Capabilities, ChatModelIntegrationTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {"config": fixed_corruption_config()}
+
     @property
     def model_override_value(self) -> str:
         return tiny_model_folder()
