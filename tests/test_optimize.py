@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from test_guard import KeywordClassifier
 
 from eco_guard.config import CorruptionSpec, SelectionConfig, parse_config
@@ -170,6 +171,10 @@ def test_fingerprint_is_the_embedding_matrix(tiny_backend, real_tokenizer):
     other = LocalBackend(build_tiny_model(real_tokenizer, seed=1), real_tokenizer)
     assert other.fingerprint() != tiny_backend.fingerprint() and other.fingerprint().startswith("sha256:")
     assert math.isfinite(len(other.fingerprint()))
+    # the weights in bfloat16 corrupt the same float32 embeddings: a store learned in float32 fits them
+    half = build_tiny_model(real_tokenizer).to(torch.bfloat16)
+    weight = build_tiny_model(real_tokenizer).get_input_embeddings().weight.detach()
+    assert LocalBackend(half, real_tokenizer, embedding=weight).fingerprint() == tiny_backend.fingerprint()
 
 
 def test_questions_with_context_are_learned_as_rag_requests(tiny_backend, tmp_path):

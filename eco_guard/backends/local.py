@@ -364,7 +364,8 @@ class LocalBackend(Backend):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # 0.1-0.2 s for SmolLM2's 49152 x 576 matrix: once per backend
-            self._fingerprint = embedding_fingerprint(self.model.get_input_embeddings().weight)
+            # the float32 matrix the prompt is embedded and corrupted from: the same in every weight precision
+            self._fingerprint = embedding_fingerprint(self._embedding)
         return self._fingerprint
 
     def score(self, prompt: PreparedPrompt, plan: CorruptionPlan | None, continuation: str) -> tuple[float, int]:
