@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluation += [{**r, "set": "blind"} for r in _rows(blind)]
     y = np.array([r["label"] for r in train])
     started = time.perf_counter()
-    clf_eval, clf_prob = classifier_flags([r["text"] for r in evaluation])
-    clf_train, _ = classifier_flags([r["text"] for r in train])
+    flags, probs = classifier_flags([r["text"] for r in evaluation + train])  # one load of the classifier
+    clf_eval, clf_prob, clf_train = flags[: len(evaluation)], probs[: len(evaluation)], flags[len(evaluation):]
     seconds = {"classifier": time.perf_counter() - started}
     report: dict[str, Any] = {"command": "python benchmarks/bench_probe.py " + " ".join(argv or []),
                               "fpr": args.fpr, "classifier": rates(clf_eval, evaluation), "models": {},

@@ -49,6 +49,7 @@ from eco_guard.precision import native_bf16, resolved_precision
 
 __all__ = ["LocalBackend", "default_gguf_path", "model_display_name", "resolve_model_dir"]
 
+# the models' floating-point precision per dtype; int8 (linear weights only) picks one by CPU
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": None}
 
 
@@ -260,14 +261,11 @@ class LocalBackend(Backend):
                 tokenizer = AutoTokenizer.from_pretrained(folder)
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
                 embedding = model.get_input_embeddings().weight.detach()
-                if dtype == "int8":
+                if dtype != "float32":
                     embedding = embedding.clone()
-                    model = model.to(torch.bfloat16 if native_bf16() else torch.float32)
-                    quantize_linears(model)
-                elif dtype != "float32":
-                    embedding = embedding.clone()
-                    model = model.to(_DTYPES[dtype])
-                    pack_linears(model)
+                    # int8 weights multiply activations of the precision the CPU computes best in
+                    model = model.to(_DTYPES[dtype] or (torch.bfloat16 if native_bf16() else torch.float32))
+                    (quantize_linears if dtype == "int8" else pack_linears)(model)
                 _LOADED[key] = (model, tokenizer, embedding)
             model, tokenizer, embedding = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -58,17 +60,20 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed bfloat16"
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every bfloat16 ``nn.Linear`` of ``model`` by a :class:`PackedLinear`; returns how many."""
+def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Put ``make(linear)`` in place of every ``nn.Linear`` of ``model`` (``make`` may return it unchanged)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                packed = PackedLinear.wrap(child)
-                if packed is not child:
-                    setattr(parent, name, packed)
-                    count += 1
+            if isinstance(child, nn.Linear) and (new := make(child)) is not child:
+                setattr(parent, name, new)
+                count += 1
     return count
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every bfloat16 ``nn.Linear`` of ``model`` by a :class:`PackedLinear`; returns how many."""
+    return _replace_linears(model, PackedLinear.wrap)
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +91,7 @@ class Int8Linear(nn.Module):
         True
     """
 
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
@@ -94,7 +99,7 @@ class Int8Linear(nn.Module):
             scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
             quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.register_buffer("weight_int8", quantized, persistent=False)
-        self.register_buffer("scale", scale.to(dtype or linear.weight.dtype), persistent=False)
+        self.register_buffer("scale", scale.to(linear.weight.dtype), persistent=False)
         self.bias = None if linear.bias is None else linear.bias.detach().to(self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +115,4 @@ class Int8Linear(nn.Module):
 
 def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (the output head too) by an :class:`Int8Linear`; returns how many."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
-                count += 1
-    return count
+    return _replace_linears(model, Int8Linear)
