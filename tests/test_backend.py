@@ -617,10 +617,12 @@ def test_real_model_forgets_rowling_when_content_corrupted(real_backend):
 @pytest.mark.integration
 def test_real_model_in_int8_answers_and_still_forgets(real_backend):
     backend = LocalBackend.from_pretrained("default", dtype="int8")
-    assert sum(isinstance(m, Int8Linear) for m in backend.model.modules()) == 211  # 30 layers x 7 + the head
+    # 30 layers x 7 + the head, and each layer's fused q/k/v and gate/up
+    assert sum(isinstance(m, Int8Linear) for m in backend.model.modules()) == 211 + 60
     france = backend.prepare([{"role": "user", "content": "What is the capital of France?"}])
     prompt = backend.prepare(HP)
-    params = GenerationParams(max_new_tokens=20)
+    # bf16 activations: the reply depends on the rows decoded with it; each phrasing names Rowling in 32 tokens
+    params = GenerationParams(max_new_tokens=32)
     answer, plain, eco = backend.generate([france, prompt, prompt], [None, None, content_plan(prompt)], params)
     assert "Paris" in answer.text, answer.text
     assert "Rowling" in plain.text and "Rowling" not in eco.text, (plain.text, eco.text)

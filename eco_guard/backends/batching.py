@@ -27,6 +27,7 @@ from typing import Any, Final
 import torch
 
 from eco_guard.backends.base import GenerationParams, StreamEvent
+from eco_guard.backends.decode_step import LlamaDecodeStep
 
 __all__ = ["DEFAULT_MAX_BATCH", "DecodeRequest", "DecodeScheduler", "SlotCache", "pick_tokens"]
 
@@ -216,6 +217,7 @@ class DecodeScheduler:
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._lean = LlamaDecodeStep(model) if LlamaDecodeStep.supports(model) else None
         self._lock = threading.Lock()
         self._pending: list[DecodeRequest] = []
         self._worker: threading.Thread | None = None
@@ -287,11 +289,15 @@ class DecodeScheduler:
         assert cache is not None
         mask = cache.step_mask()
         ids = torch.tensor(self._last, dtype=torch.long)[:, None]
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._positions[:, None], use_cache=True,
-                         **{self._cache_arg: cache})
+        positions = self._positions[:, None]
+        if self._lean is not None:
+            logits = self._lean(ids, positions, mask, cache)
+        else:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **{self._cache_arg: cache}).logits[:, -1, :]
         cache.advance()
         self._positions += 1
-        self._emit(out.logits[:, -1, :], first=0)
+        self._emit(logits, first=0)
 
     def _emit(self, logits: torch.Tensor, first: int) -> None:
         """Pick and send the next token of rows ``first:``; free the rows that are done or abandoned."""

@@ -42,7 +42,7 @@ from eco_guard.backends.base import (
     StreamEvent,
 )
 from eco_guard.backends.batching import DEFAULT_MAX_BATCH, DecodeRequest, DecodeScheduler
-from eco_guard.backends.packing import pack_linears, quantize_linears
+from eco_guard.backends.packing import decoding_layout
 from eco_guard.config import default_cache_dir
 from eco_guard.errors import ConfigError, InputError
 from eco_guard.precision import native_bf16, resolved_precision
@@ -265,7 +265,7 @@ class LocalBackend(Backend):
                     embedding = embedding.clone()
                     # int8 weights multiply activations of the precision the CPU computes best in
                     model = model.to(_DTYPES[dtype] or (torch.bfloat16 if native_bf16() else torch.float32))
-                    (quantize_linears if dtype == "int8" else pack_linears)(model)
+                decoding_layout(model, dtype)
                 _LOADED[key] = (model, tokenizer, embedding)
             model, tokenizer, embedding = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,
