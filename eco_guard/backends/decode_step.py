@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.nn.functional import scaled_dot_product_attention
+from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
 __all__ = ["LlamaDecodeStep"]
 
@@ -53,6 +53,8 @@ class LlamaDecodeStep:
         layers = getattr(inner, "layers", None)
         if not layers or not all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "norm")):
             return False
+        if not hasattr(getattr(layers[0], "input_layernorm", None), "variance_epsilon"):
+            return False
         attn = getattr(layers[0], "self_attn", None)
         return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling", "head_dim")) and \
             not hasattr(attn, "q_norm")
@@ -60,26 +62,31 @@ class LlamaDecodeStep:
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         hidden = self.embed(ids)
         cos, sin = self.rotary(hidden, positions)  # (rows, 1, head_dim): broadcast over heads
+        half = cos.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi]: one copy instead of two slices, a negation, a cat
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        # the additive mask attention turns a boolean one into, made once per step instead of once per layer
+        bias = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill_(~mask, float("-inf"))
         rows, d, groups, nq, nqk = ids.shape[0], self.head_dim, self.groups, self.q_heads, self.qk_heads
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            x = layer.input_layernorm(hidden)
+            x = _rms_norm(layer.input_layernorm, hidden)
             heads = _qkv(attn, x).view(rows, -1, d)  # q heads, then k heads, then v heads
             qk = heads[:, :nqk]
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
             keys, values = cache.update(qk[:, nq:, None], heads[:, nqk:, None], i)
             # one query per row: its heads sharing a key head become that head's queries (no repeated keys)
             q = qk[:, :nq].reshape(rows, -1, groups, d)
-            out = scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+            out = scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=self.scaling)
             hidden = hidden + attn.o_proj(out.reshape(rows, 1, -1))
-            x = layer.post_attention_layernorm(hidden)
+            x = _rms_norm(layer.post_attention_layernorm, hidden)
             fused = getattr(mlp, "eco_gate_up", None)
             if fused is None:
                 hidden = hidden + mlp(x)
             else:
                 gate, up = fused(x).chunk(2, dim=-1)
                 hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.head(self.norm(hidden))[:, -1]
+        return self.head(_rms_norm(self.norm, hidden))[:, -1]
 
 
 def _qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,7 @@ def _qkv(attn: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """``LlamaRMSNorm``'s numbers (normalised in float32, cast, then scaled) in three operations instead of eight."""
+    normed = rms_norm(x.to(torch.float32), (x.shape[-1],), eps=norm.variance_epsilon)
+    return norm.weight * normed.to(x.dtype)
