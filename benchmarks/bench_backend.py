@@ -240,22 +240,20 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
     else:
         plain = AutoModelForCausalLM.from_pretrained(local.resolve_model_dir("default"), dtype=_DT[dtype]).eval()
         n_bytes = sum(p.numel() * p.element_size() for p in plain.parameters())  # tied embeddings counted once
-    # an int8 sum is a slow integer reduction, not a read: the same bytes as bfloat16 measure the read
-    floor = weight_floor_s(n_bytes, torch.bfloat16 if dtype == "int8" else _DT[dtype])
-    products = products_s(backend.model)
     prompt = backend.prepare([{"role": "user", "content": PROMPT}])
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
     backend.generate([prompt], params=GenerationParams(max_new_tokens=4))
-    ours = [_timed(lambda: backend.generate([prompt], params=params)) for _ in range(reps)]
-    log(f"{dtype}: floor {1000 * floor:.1f} ms, products alone {1000 * products:.1f} ms, "
-        f"our loop {[round(new_tokens / s, 1) for s in ours]} tokens/s")
-
     ids = torch.tensor([prompt.input_ids])
     def hf() -> None:  # noqa: E306
         with torch.inference_mode():
             plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=backend.pad_id)
-    hf_times = [_timed(hf) for _ in range(reps)] if plain is not None else []
+    ours, hf_times = [], []
+    for _ in range(reps):  # interleaved, so drift hits both
+        ours.append(_timed(lambda: backend.generate([prompt], params=params)))
+        if plain is not None:
+            hf_times.append(_timed(hf))
+    log(f"{dtype}: our loop {[round(new_tokens / s, 1) for s in ours]} tokens/s")
     if hf_times:
         log(f"{dtype}: transformers.generate {[round(new_tokens / s, 1) for s in hf_times]} tokens/s")
 
@@ -274,6 +272,11 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str]) ->
             runs.append(n * new_tokens / (time.perf_counter() - start))
         concurrency[str(n)] = runs
         log(f"{dtype}: concurrency {n}: {[round(r, 1) for r in runs]} tokens/s")
+    # after the decoding, so that allocating a tensor of the model's size cannot disturb its timings;
+    # an int8 sum is a slow integer reduction, not a read: the same bytes as bfloat16 measure the read
+    floor = weight_floor_s(n_bytes, torch.bfloat16 if dtype == "int8" else _DT[dtype])
+    products = products_s(backend.model)
+    log(f"{dtype}: floor {1000 * floor:.1f} ms, products alone {1000 * products:.1f} ms")
     ms_token = 1000 * statistics.median(ours) / new_tokens
     return {
         "weights_mb": round(n_bytes / 2**20, 1),
@@ -326,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions of each condition")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--warm-reps", type=int, default=3)
-    parser.add_argument("--speed-reps", type=int, default=2, help="repetitions of each speed measurement")
+    parser.add_argument("--speed-reps", type=int, default=3, help="repetitions of each speed measurement")
     parser.add_argument("--quality-prompts", type=int, default=96, help="dev prompts compared bf16 vs float32")
     parser.add_argument("--quality-tokens", type=int, default=32, help="greedy tokens per reply compared")
     parser.add_argument("--skip-cold", action="store_true", help="reuse the user cache, no dequantising")
