@@ -112,3 +112,31 @@ def test_real_model_lean_step_gives_the_tokens_of_the_models_forward(dtype, monk
     lean = [g.token_ids for g in backend.generate(prompts, params=params)]
     monkeypatch.setattr(backend._scheduler, "_lean", None)
     assert [g.token_ids for g in backend.generate(prompts, params=params)] == lean
+
+
+def test_a_stored_float32_layout_is_used_as_it_is_and_gives_the_same_numbers():
+    model, again = _llama(2), _llama(2)
+    made = decoding_layout(model, "float32")
+    assert "model.layers.0.self_attn.eco_qkv.weight_t" in made and "lm_head.weight_t" in made
+    stored = {k: v.clone() for k, v in made.items()}
+    decoding_layout(again, "float32", stored)
+    head = again.lm_head.weight_t
+    assert head.data_ptr() == stored["lm_head.weight_t"].data_ptr()  # used, not copied
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+
+
+def test_the_float32_layout_is_made_once_and_then_read_from_the_cache(tmp_path):
+    from eco_guard.backends.local import _float32_layout
+
+    folder = tmp_path / "tiny"
+    _llama(2).save_pretrained(folder)
+    first = _float32_layout(folder, tmp_path / "cache")
+    [file] = (tmp_path / "cache" / "layouts").iterdir()
+    stamp = file.stat().st_mtime_ns
+    second = _float32_layout(folder, tmp_path / "cache")
+    assert file.stat().st_mtime_ns == stamp and first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    made = decoding_layout(_llama(2), "float32")
+    assert all(torch.equal(made[k], first[k]) for k in made)

@@ -153,6 +153,31 @@ def _max_token_bytes(tokenizer: Any) -> int:
     return _TOKEN_BYTES[tokenizer]
 
 
+def _float32_layout(folder: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:
+    """The float32 decoding layout of the model in ``folder`` (its linear weights transposed and fused), from a
+    file in the cache, made on first use (~1 s).
+
+    Mapped lazily from the file, the layout costs no copy at load; made in place, it would leave the model's
+    own weights read and counted as the process's memory (0.5 GB more for SmolLM2) until the process ends.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    identity = [str(folder.resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights]
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
+    target = (cache_dir or default_cache_dir()) / "layouts" / f"{folder.name}-{digest}-float32.safetensors"
+    if not target.exists():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        made = decoding_layout(model, "float32")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        save_file({k: v.contiguous() for k, v in made.items()}, str(tmp))
+        tmp.replace(target)
+        del model, made
+    return load_file(str(target))
+
+
 # ---------------------------------------------------------------- decoding state
 
 class _RowText:
@@ -261,11 +286,13 @@ class LocalBackend(Backend):
                 tokenizer = AutoTokenizer.from_pretrained(folder)
                 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
                 embedding = model.get_input_embeddings().weight.detach()
-                if dtype != "float32":
+                if dtype == "float32":
+                    decoding_layout(model, dtype, _float32_layout(folder, cache_dir))
+                else:
                     embedding = embedding.clone()
                     # int8 weights multiply activations of the precision the CPU computes best in
                     model = model.to(_DTYPES[dtype] or (torch.bfloat16 if native_bf16() else torch.float32))
-                decoding_layout(model, dtype)
+                    decoding_layout(model, dtype)
                 _LOADED[key] = (model, tokenizer, embedding)
             model, tokenizer, embedding = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,

@@ -23,15 +23,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from eco_guard.precision import native_bf16
 
-__all__ = ["Int8Linear", "PackedLinear", "TransposedLinear", "decoding_layout", "fuse_projections", "pack_linears",
-           "quantize_linears"]
+__all__ = ["Int8Linear", "PackedLinear", "TransposedLinear", "decoding_layout", "pack_linears", "quantize_linears"]
 
 # per decoder layer: (submodule, fused name, projections fused into it, in output order)
 _FUSED = (("self_attn", "eco_qkv", ("q_proj", "k_proj", "v_proj")), ("mlp", "eco_gate_up", ("gate_proj", "up_proj")))
@@ -61,6 +60,11 @@ class TransposedLinear(nn.Module):
             return linear
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(linear.weight.detach().t().contiguous(), bias)
+
+    def rows(self, start: int, end: int) -> TransposedLinear:
+        """The layer of outputs ``start:end``, its weight a view of this one's."""
+        bias = None if self.bias is None else self.bias[start:end]
+        return TransposedLinear(self.weight_t[:, start:end], bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.matmul(x, self.weight_t)
@@ -113,60 +117,92 @@ def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -
     return count
 
 
-def fuse_projections(model: nn.Module) -> list[tuple[nn.Module, str, tuple[str, ...]]]:
-    """Give each Llama-family decoder layer one ``nn.Linear`` per fused group (``self_attn.eco_qkv``,
-    ``mlp.eco_gate_up``), its weight the projections' weights stacked; the projections' weights become views of it.
+def _stacked(parts: list[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` whose output is ``parts``' outputs side by side (a new weight; the parts untouched)."""
+    fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
+                      device="meta")
+    fused.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]), requires_grad=False)
+    return fused
 
-    Returns the groups ``(parent, fused name, projection names)`` for :func:`share_fused` after a conversion.
-    The model's own forward ignores the fused layers; :class:`~eco_guard.backends.decode_step.LlamaDecodeStep`
-    uses them.
+
+def _transposed(parts: list[nn.Linear], name: str, stored: Mapping[str, torch.Tensor] | None) -> TransposedLinear:
+    """``parts`` (one or several float32 layers) as one transposed layer: from ``stored`` where it holds
+    ``name``, else their weights written side by side into one ``(in, out)`` matrix (no stacked copy on the way)."""
+    if stored is not None and f"{name}.weight_t" in stored:
+        return TransposedLinear(stored[f"{name}.weight_t"], stored.get(f"{name}.bias"))
+    columns = torch.empty((parts[0].in_features, sum(p.out_features for p in parts)))
+    start = 0
+    for p in parts:
+        columns[:, start : start + p.out_features].copy_(p.weight.detach().t())
+        start += p.out_features
+    bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+    return TransposedLinear(columns, bias)
+
+
+def _fuse(parts: list[nn.Linear], make: Callable[[nn.Linear], nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
+    """The fused layer of ``parts`` in ``make``'s format, and the parts in it: views of the fused weight where
+    the format allows (int8, plain), their own copies where it is opaque (packed)."""
+    fused = make(_stacked(parts))
+    bounds, start = [], 0
+    for p in parts:
+        bounds.append((start, start + p.out_features))
+        start += p.out_features
+    if isinstance(fused, Int8Linear):
+        return fused, [fused.rows(a, b) for a, b in bounds]
+    if isinstance(fused, nn.Linear):  # a precision left as it is: the parts become views of the stacked weight
+        for p, (a, b) in zip(parts, bounds):
+            p.weight = nn.Parameter(fused.weight[a:b], requires_grad=False)
+        return fused, parts
+    return fused, [make(p) for p in parts]
+
+
+def decoding_layout(model: nn.Module, precision: str,
+                    stored: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Rewrite the linear layers of a model this package loaded, for decoding in ``precision`` (``float32``,
+    ``bfloat16``, ``float16`` or ``int8``; the model already cast to its floating-point precision).
+
+    Each Llama-family decoder layer also gets one fused layer per group (``self_attn.eco_qkv``,
+    ``mlp.eco_gate_up``): the model's own forward ignores them; the decoding step
+    (:class:`~eco_guard.backends.decode_step.LlamaDecodeStep`) multiplies once where it would three or two times.
+
+    In float32 the transposed weights are returned by layer name; given back as ``stored`` (a file the caller
+    saved them in, mapped lazily), they are used as they are and the model's own linear weights are never read.
     """
-    groups = []
-    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+    make = {"float32": TransposedLinear.wrap, "int8": Int8Linear}.get(precision, PackedLinear.wrap)
+    made: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, layer: TransposedLinear) -> TransposedLinear:
+        made[f"{name}.weight_t"] = layer.weight_t
+        if layer.bias is not None:
+            made[f"{name}.bias"] = layer.bias
+        return layer
+
+    for index, layer in enumerate(getattr(getattr(model, "model", None), "layers", None) or []):
         for sub, fused_name, names in _FUSED:
             parent = getattr(layer, sub, None)
             parts = [getattr(parent, n, None) for n in names]
             if not all(type(p) is nn.Linear for p in parts):
                 continue
-            weight = torch.cat([p.weight.detach() for p in parts])
-            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
-                              dtype=weight.dtype, device=weight.device)
-            with torch.no_grad():
-                fused.weight.copy_(weight)
-                if fused.bias is not None:
-                    fused.bias.copy_(torch.cat([p.bias.detach() for p in parts]))
-            fused.requires_grad_(False)
-            start = 0
-            for p in parts:  # views of the fused weight: stored once until a conversion copies them
-                p.weight = nn.Parameter(fused.weight[start : start + p.out_features], requires_grad=False)
-                start += p.out_features
+            if precision == "float32":
+                full = f"model.layers.{index}.{sub}.{fused_name}"
+                fused = keep(full, _transposed(parts, full, stored))
+                bounds = [sum(p.out_features for p in parts[:i]) for i in range(len(parts) + 1)]
+                converted = [fused.rows(a, b) for a, b in zip(bounds, bounds[1:])]
+            else:
+                fused, converted = _fuse(parts, make)
             setattr(parent, fused_name, fused)
-            groups.append((parent, fused_name, names))
-    return groups
-
-
-def share_fused(groups: list[tuple[nn.Module, str, tuple[str, ...]]]) -> None:
-    """Point each projection's weight into its fused layer's, where the layout allows (transposed float32,
-    int8): the same numbers, stored once. Packed bfloat16 weights are opaque, so those keep their own copy."""
-    for parent, fused_name, names in groups:
-        fused, parts = getattr(parent, fused_name), [getattr(parent, n) for n in names]
-        start = 0
-        for part in parts:
-            end = start + part.out_features
-            if isinstance(fused, TransposedLinear) and isinstance(part, TransposedLinear):
-                part.weight_t = fused.weight_t[:, start:end]
-            elif isinstance(fused, Int8Linear) and isinstance(part, Int8Linear):
-                part.weight_int8, part.scale = fused.weight_int8[start:end], fused.scale[start:end]
-            start = end
-
-
-def decoding_layout(model: nn.Module, precision: str) -> None:
-    """Rewrite the linear layers of a model this package loaded, for decoding in ``precision`` (``float32``,
-    ``bfloat16``, ``float16`` or ``int8``; the model already cast to its floating-point precision)."""
-    groups = fuse_projections(model)
-    make = {"float32": TransposedLinear.wrap, "int8": Int8Linear}.get(precision, PackedLinear.wrap)
-    _replace_linears(model, make)
-    share_fused(groups)
+            for name, part in zip(names, converted):
+                setattr(parent, name, part)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            new = keep(full, _transposed([child], full, stored)) if precision == "float32" else make(child)
+            setattr(module, child_name, new)
+    return made
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -199,6 +235,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", quantized, persistent=False)
         self.register_buffer("scale", scale.to(linear.weight.dtype), persistent=False)
         self.bias = None if linear.bias is None else linear.bias.detach().to(self.scale.dtype)
+
+    def rows(self, start: int, end: int) -> Int8Linear:
+        """The layer of outputs ``start:end``, its weights and scales views of this one's."""
+        part = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(part)
+        part.in_features, part.out_features = self.in_features, end - start
+        part.register_buffer("weight_int8", self.weight_int8[start:end], persistent=False)
+        part.register_buffer("scale", self.scale[start:end], persistent=False)
+        part.bias = None if self.bias is None else self.bias[start:end]
+        return part
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
