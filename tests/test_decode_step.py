@@ -140,3 +140,20 @@ def test_the_float32_layout_is_made_once_and_then_read_from_the_cache(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     made = decoding_layout(_llama(2), "float32")
     assert all(torch.equal(made[k], first[k]) for k in made)
+
+
+def test_a_damaged_layout_file_is_made_again_and_an_unwritable_cache_makes_it_in_place(tmp_path):
+    from eco_guard.backends.local import _float32_layout
+
+    folder = tmp_path / "tiny"
+    _llama(2).save_pretrained(folder)
+    good = {k: v.clone() for k, v in _float32_layout(folder, tmp_path / "cache").items()}  # not the mapped file's
+    [file] = (tmp_path / "cache" / "layouts").iterdir()
+    file.write_bytes(file.read_bytes()[:100])  # truncated, as by a full disk
+    again = _float32_layout(folder, tmp_path / "cache")
+    assert again.keys() == good.keys() and all(torch.equal(again[k], good[k]) for k in good)
+    (tmp_path / "not-a-folder").write_text("")
+    assert _float32_layout(folder, tmp_path / "not-a-folder") is None
+    model = _llama(2)
+    decoding_layout(model, "float32", None)  # what from_pretrained then does: the layout made in place
+    assert torch.equal(model.lm_head.weight_t, good["lm_head.weight_t"])

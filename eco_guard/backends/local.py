@@ -153,13 +153,15 @@ def _max_token_bytes(tokenizer: Any) -> int:
     return _TOKEN_BYTES[tokenizer]
 
 
-def _float32_layout(folder: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:
+def _float32_layout(folder: Path, cache_dir: Path | None) -> dict[str, torch.Tensor] | None:
     """The float32 decoding layout of the model in ``folder`` (its linear weights transposed and fused), from a
-    file in the cache, made on first use (~1 s).
+    file in the cache, made on first use (~1 s); ``None`` where the cache cannot be written (the caller then
+    makes the layout in place). A damaged file is made again.
 
     Mapped lazily from the file, the layout costs no copy at load; made in place, it would leave the model's
     own weights read and counted as the process's memory (0.5 GB more for SmolLM2) until the process ends.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -167,14 +169,20 @@ def _float32_layout(folder: Path, cache_dir: Path | None) -> dict[str, torch.Ten
     identity = [str(folder.resolve())] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights]
     digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
     target = (cache_dir or default_cache_dir()) / "layouts" / f"{folder.name}-{digest}-float32.safetensors"
-    if not target.exists():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        made = decoding_layout(model, "float32")
+    try:
+        return load_file(str(target))
+    except (OSError, SafetensorError):  # not made yet, or damaged: make it
+        pass
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    made = decoding_layout(model, "float32")
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         save_file({k: v.contiguous() for k, v in made.items()}, str(tmp))
         tmp.replace(target)
-        del model, made
+    except OSError:
+        return None
+    del model, made
     return load_file(str(target))
 
 
