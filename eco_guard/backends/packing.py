@@ -3,7 +3,8 @@ for oneDNN, or int8 weights; and each layer's q/k/v and gate/up projections fuse
 
 Decoding one token reads every weight once, so its time is the weights' size over the memory bandwidth, and
 how close a kernel comes to it depends on the layout: MKL's one-row float32 product reads an ``(in, out)``
-weight 1.3-2x faster than ``nn.Linear``'s ``(out, in)`` (SmolLM2's output head: 11.3 -> 5.0 ms), and one
+weight 1.3-2x faster than ``nn.Linear``'s ``(out, in)`` (SmolLM2's output head: 11.3 -> 5.0 ms; for 4-16 rows
+it is 10-30% slower, a price paid for the single stream), and one
 product over a fused weight beats three small ones (all of SmolLM2's products, one token: float32 39 -> 34 ms,
 int8 27.5 -> 20.4 ms, bfloat16 24 -> 22 ms).
 
