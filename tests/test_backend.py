@@ -636,3 +636,16 @@ def test_real_model_threads_half_corrupted_equal_sequential(real_backend):
     params = GenerationParams(max_new_tokens=16)
     sequential = [real_backend.generate([p], [pl], params)[0] for p, pl in jobs]
     assert _threaded(real_backend, jobs, params) == sequential
+
+
+def test_closing_the_scheduler_stops_running_requests_with_an_error_and_it_starts_again(tiny_backend, prompts):
+    scheduler = tiny_backend._scheduler
+    stream = tiny_backend.stream(prompts[0], None, GenerationParams(max_new_tokens=400, ignore_eos=True))
+    next(stream)  # decoding has started
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        for _ in stream:
+            pass
+    assert scheduler._worker is None
+    [g] = tiny_backend.generate([prompts[1]], None, GenerationParams(max_new_tokens=3, ignore_eos=True))
+    assert len(g.token_ids) == 3

@@ -17,9 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import queue
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -201,6 +203,17 @@ def pick_tokens(logits: torch.Tensor, requests: list[DecodeRequest]) -> list[int
     return tokens
 
 
+_SCHEDULERS: weakref.WeakSet[DecodeScheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    """Let decode workers leave torch before the interpreter tears it down: a daemon thread still inside a
+    torch operation at exit aborts the process ("terminate called without an active exception")."""
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()
+
+
 class DecodeScheduler:
     """Decodes every submitted request in one running batch, on one worker thread.
 
@@ -221,6 +234,8 @@ class DecodeScheduler:
         self._lock = threading.Lock()
         self._pending: list[DecodeRequest] = []
         self._worker: threading.Thread | None = None
+        self._closing = False
+        _SCHEDULERS.add(self)
         # worker-only state
         self._active: list[DecodeRequest] = []
         self._cache: SlotCache | None = None
@@ -235,12 +250,30 @@ class DecodeScheduler:
                 self._worker = threading.Thread(target=self._run, name="eco-guard-decode", daemon=True)
                 self._worker.start()
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop decoding after the current step and wait for the worker; requests still queued or running get
+        a ``RuntimeError`` instead of more tokens. A later :meth:`submit` starts a new worker."""
+        with self._lock:
+            worker, self._closing = self._worker, True
+        if worker is not None:
+            worker.join(timeout)
+        with self._lock:
+            self._closing = False
+
     # ------------------------------------------------------------ worker
 
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
+                    if self._closing:  # every request still here gets an answer: that it was stopped
+                        stopped = RuntimeError("the local model's decoder was closed while this request ran")
+                        for req in self._pending + self._active:
+                            req.events.put(stopped)
+                        self._pending, self._active, self._cache, self._last = [], [], None, []
+                        self._positions = torch.zeros(0, dtype=torch.long)
+                        self._worker = None
+                        return
                     if not self._pending and not self._active:
                         self._worker = None
                         return
