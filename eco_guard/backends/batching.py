@@ -267,11 +267,8 @@ class DecodeScheduler:
             while True:
                 with self._lock:
                     if self._closing:  # every request still here gets an answer: that it was stopped
-                        stopped = RuntimeError("the local model's decoder was closed while this request ran")
-                        for req in self._pending + self._active:
-                            req.events.put(stopped)
-                        self._pending, self._active, self._cache, self._last = [], [], None, []
-                        self._positions = torch.zeros(0, dtype=torch.long)
+                        pending, self._pending = self._pending, []
+                        self._fail(pending, RuntimeError("the local model's decoder was closed while this request ran"))
                         self._worker = None
                         return
                     if not self._pending and not self._active:
@@ -285,10 +282,14 @@ class DecodeScheduler:
                     if self._active:
                         self._step()
                 except Exception as exc:  # noqa: BLE001 - deliver the failure to every request it touched, then start afresh
-                    for req in {id(r): r for r in self._active + new}.values():
-                        req.events.put(exc)
-                    self._active, self._cache, self._last = [], None, []
-                    self._positions = torch.zeros(0, dtype=torch.long)
+                    self._fail(new, exc)
+
+    def _fail(self, others: list[DecodeRequest], exc: BaseException) -> None:
+        """Send ``exc`` to every running request and to ``others``, and start afresh with an empty batch."""
+        for req in {id(r): r for r in self._active + others}.values():
+            req.events.put(exc)
+        self._active, self._cache, self._last = [], None, []
+        self._positions = torch.zeros(0, dtype=torch.long)
 
     def _admit(self, new: list[DecodeRequest]) -> None:
         from transformers import DynamicCache

@@ -44,7 +44,7 @@ class TransposedLinear(nn.Module):
     Example:
         >>> layer = torch.nn.Linear(8, 4)
         >>> x = torch.randn(2, 8)
-        >>> torch.allclose(TransposedLinear.wrap(layer)(x), layer(x))
+        >>> torch.allclose(TransposedLinear(layer.weight.detach().t().contiguous(), layer.bias)(x), layer(x))
         True
     """
 
@@ -53,14 +53,6 @@ class TransposedLinear(nn.Module):
         self.in_features, self.out_features = weight_t.shape
         self.register_buffer("weight_t", weight_t, persistent=False)
         self.bias = bias
-
-    @classmethod
-    def wrap(cls, linear: nn.Linear) -> nn.Module:
-        """A transposed copy of a float32 ``linear``; any other ``linear`` itself."""
-        if linear.weight.dtype != torch.float32:
-            return linear
-        bias = None if linear.bias is None else linear.bias.detach()
-        return cls(linear.weight.detach().t().contiguous(), bias)
 
     def rows(self, start: int, end: int) -> TransposedLinear:
         """The layer of outputs ``start:end``, its weight a view of this one's."""
@@ -107,12 +99,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, packed bfloat16"
 
 
-def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> int:
-    """Put ``make(linear)`` in place of every ``nn.Linear`` of ``model`` (``make`` may return it unchanged)."""
+def _replace_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> int:
+    """Put ``make(name, linear)`` in place of every ``nn.Linear`` of ``model`` (``make`` may return it unchanged)."""
     count = 0
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and (new := make(child)) is not child:
+            if type(child) is nn.Linear and (new := make(f"{prefix}.{name}" if prefix else name, child)) is not child:
                 setattr(parent, name, new)
                 count += 1
     return count
@@ -128,35 +120,22 @@ def _stacked(parts: list[nn.Linear]) -> nn.Linear:
     return fused
 
 
+def _bounds(parts: list[nn.Linear]) -> list[tuple[int, int]]:
+    """Where each part's outputs lie in the outputs of their fused layer."""
+    ends = [sum(p.out_features for p in parts[: i + 1]) for i in range(len(parts))]
+    return list(zip([0, *ends[:-1]], ends))
+
+
 def _transposed(parts: list[nn.Linear], name: str, stored: Mapping[str, torch.Tensor] | None) -> TransposedLinear:
     """``parts`` (one or several float32 layers) as one transposed layer: from ``stored`` where it holds
     ``name``, else their weights written side by side into one ``(in, out)`` matrix (no stacked copy on the way)."""
     if stored is not None and f"{name}.weight_t" in stored:
         return TransposedLinear(stored[f"{name}.weight_t"], stored.get(f"{name}.bias"))
     columns = torch.empty((parts[0].in_features, sum(p.out_features for p in parts)))
-    start = 0
-    for p in parts:
-        columns[:, start : start + p.out_features].copy_(p.weight.detach().t())
-        start += p.out_features
+    for p, (a, b) in zip(parts, _bounds(parts)):
+        columns[:, a:b].copy_(p.weight.detach().t())
     bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
     return TransposedLinear(columns, bias)
-
-
-def _fuse(parts: list[nn.Linear], make: Callable[[nn.Linear], nn.Module]) -> tuple[nn.Module, list[nn.Module]]:
-    """The fused layer of ``parts`` in ``make``'s format, and the parts in it: views of the fused weight where
-    the format allows (int8, plain), their own copies where it is opaque (packed)."""
-    fused = make(_stacked(parts))
-    bounds, start = [], 0
-    for p in parts:
-        bounds.append((start, start + p.out_features))
-        start += p.out_features
-    if isinstance(fused, Int8Linear):
-        return fused, [fused.rows(a, b) for a, b in bounds]
-    if isinstance(fused, nn.Linear):  # a precision left as it is: the parts become views of the stacked weight
-        for p, (a, b) in zip(parts, bounds):
-            p.weight = nn.Parameter(fused.weight[a:b], requires_grad=False)
-        return fused, parts
-    return fused, [make(p) for p in parts]
 
 
 def decoding_layout(model: nn.Module, precision: str,
@@ -167,18 +146,23 @@ def decoding_layout(model: nn.Module, precision: str,
     Each Llama-family decoder layer also gets one fused layer per group (``self_attn.eco_qkv``,
     ``mlp.eco_gate_up``): the model's own forward ignores them; the decoding step
     (:class:`~eco_guard.backends.decode_step.LlamaDecodeStep`) multiplies once where it would three or two times.
+    The projections become views of the fused weight where the format allows (transposed float32, int8, a
+    precision left as it is) and keep copies of their own where it is opaque (packed bfloat16).
 
     In float32 the transposed weights are returned by layer name; given back as ``stored`` (a file the caller
     saved them in, mapped lazily), they are used as they are and the model's own linear weights are never read.
     """
-    make = {"float32": TransposedLinear.wrap, "int8": Int8Linear}.get(precision, PackedLinear.wrap)
     made: dict[str, torch.Tensor] = {}
 
-    def keep(name: str, layer: TransposedLinear) -> TransposedLinear:
-        made[f"{name}.weight_t"] = layer.weight_t
-        if layer.bias is not None:
-            made[f"{name}.bias"] = layer.bias
-        return layer
+    def convert(name: str, parts: list[nn.Linear]) -> nn.Module:
+        if precision == "float32":
+            layer = _transposed(parts, name, stored)
+            made[f"{name}.weight_t"] = layer.weight_t
+            if layer.bias is not None:
+                made[f"{name}.bias"] = layer.bias
+            return layer
+        make = Int8Linear if precision == "int8" else PackedLinear.wrap
+        return make(parts[0] if len(parts) == 1 else _stacked(parts))
 
     for index, layer in enumerate(getattr(getattr(model, "model", None), "layers", None) or []):
         for sub, fused_name, names in _FUSED:
@@ -186,29 +170,22 @@ def decoding_layout(model: nn.Module, precision: str,
             parts = [getattr(parent, n, None) for n in names]
             if not all(type(p) is nn.Linear for p in parts):
                 continue
-            if precision == "float32":
-                full = f"model.layers.{index}.{sub}.{fused_name}"
-                fused = keep(full, _transposed(parts, full, stored))
-                bounds = [sum(p.out_features for p in parts[:i]) for i in range(len(parts) + 1)]
-                converted = [fused.rows(a, b) for a, b in zip(bounds, bounds[1:])]
-            else:
-                fused, converted = _fuse(parts, make)
+            fused = convert(f"model.layers.{index}.{sub}.{fused_name}", parts)
             setattr(parent, fused_name, fused)
-            for name, part in zip(names, converted):
-                setattr(parent, name, part)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear:
-                continue
-            full = f"{name}.{child_name}" if name else child_name
-            new = keep(full, _transposed([child], full, stored)) if precision == "float32" else make(child)
-            setattr(module, child_name, new)
+            for name, part, (a, b) in zip(names, parts, _bounds(parts)):
+                if isinstance(fused, (TransposedLinear, Int8Linear)):
+                    setattr(parent, name, fused.rows(a, b))
+                elif isinstance(fused, nn.Linear):  # a precision left as it is
+                    part.weight = nn.Parameter(fused.weight[a:b], requires_grad=False)
+                else:  # packed: opaque, so a copy of its own
+                    setattr(parent, name, convert(f"model.layers.{index}.{sub}.{name}", [part]))
+    _replace_linears(model, lambda name, linear: convert(name, [linear]))
     return made
 
 
 def pack_linears(model: nn.Module) -> int:
     """Replace every bfloat16 ``nn.Linear`` of ``model`` by a :class:`PackedLinear`; returns how many."""
-    return _replace_linears(model, PackedLinear.wrap)
+    return _replace_linears(model, lambda _, linear: PackedLinear.wrap(linear))
 
 
 class Int8Linear(nn.Module):
@@ -260,4 +237,4 @@ class Int8Linear(nn.Module):
 
 def quantize_linears(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of ``model`` (the output head too) by an :class:`Int8Linear`; returns how many."""
-    return _replace_linears(model, Int8Linear)
+    return _replace_linears(model, lambda _, linear: Int8Linear(linear))
