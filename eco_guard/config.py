@@ -363,6 +363,9 @@ class ModelConfig(_Strict):
                     "'int8': int8 linear weights (one scale per row), the rest as 'auto'")
     system_prompt: str | None = None
     max_input_tokens: int | None = Field(None, gt=0, description="reject longer prompts; default: the model's context")
+    threads: int | None = Field(None, gt=0, description=(
+        "backend: local: torch threads of the decoding worker (callers keep their own count); "
+        "default: torch's count when the worker starts"))
     url: str | None = Field(None, validate_default=True, description=(
         "backend: remote: the generation server's base URL (http://host:8000; /v1/completions is appended)"))
     api_key_env: str | None = Field(None, description=(
@@ -388,6 +391,13 @@ class ModelConfig(_Strict):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {url!r}")
         return url
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_for_local(cls, threads: int | None, info: ValidationInfo) -> int | None:
+        if threads is not None and info.data.get("backend") == "remote":
+            raise ValueError("read only with backend: local (a remote server decides its own threads)")
+        return threads
 
     @model_validator(mode="after")
     def _remote_fields_need_remote(self) -> ModelConfig:

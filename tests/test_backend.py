@@ -649,3 +649,20 @@ def test_closing_the_scheduler_stops_running_requests_with_an_error_and_it_start
     assert scheduler._worker is None
     [g] = tiny_backend.generate([prompts[1]], None, GenerationParams(max_new_tokens=3, ignore_eos=True))
     assert len(g.token_ids) == 3
+
+
+def test_decoding_worker_runs_its_own_thread_count_and_leaves_the_callers(tiny_model, real_tokenizer, prompts):
+    backend = LocalBackend(tiny_model, real_tokenizer, threads=2)
+    seen: list[tuple[str, int]] = []
+    hook = tiny_model.lm_head.register_forward_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        [g] = backend.generate([prompts[0]], None, GenerationParams(max_new_tokens=3, ignore_eos=True))
+        assert torch.get_num_threads() == 1  # the caller's count is its own
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert len(g.token_ids) == 3
+    assert seen and set(seen) == {("eco-guard-decode", 2)}, seen

@@ -222,10 +222,13 @@ class DecodeScheduler:
         pad_id: the token fed for rows that finished in the step they leave.
         eos_ids: end-of-sequence token ids (a request with ``ignore_eos`` decodes past them).
         max_batch: rows decoded together; further requests wait for a free row.
+        threads: torch intra-op threads of the worker (``None``: as many as the thread that starts it has).
     """
 
-    def __init__(self, model: Any, *, pad_id: int, eos_ids: set[int], max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, model: Any, *, pad_id: int, eos_ids: set[int], max_batch: int = DEFAULT_MAX_BATCH,
+                 threads: int | None = None):
         self.model, self.pad_id, self.eos_ids, self.max_batch = model, pad_id, frozenset(eos_ids), max_batch
+        self.threads = threads
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -263,6 +266,8 @@ class DecodeScheduler:
     # ------------------------------------------------------------ worker
 
     def _run(self) -> None:
+        if self.threads:  # OpenMP's thread count is the calling thread's own: callers keep theirs
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._lock:

@@ -237,13 +237,14 @@ class LocalBackend(Backend):
     """A local causal LM that generates from (optionally corrupted) prompt embeddings.
 
     The model is only read during generation, so one backend serves many threads; their requests
-    decode together (up to ``max_batch`` rows). ``embedding`` is the float32 token-embedding matrix
-    prompts are embedded and corrupted with (default: the model's own, as float32).
+    decode together (up to ``max_batch`` rows), on one worker thread with ``threads`` torch threads (default:
+    torch's count when the worker starts). ``embedding`` is the float32 token-embedding matrix prompts are
+    embedded and corrupted with (default: the model's own, as float32).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, system_prompt: str | None = None,
                  max_input_tokens: int | None = None, embedding: torch.Tensor | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH):
+                 max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -261,7 +262,8 @@ class LocalBackend(Backend):
         if embedding is None:
             embedding = model.get_input_embeddings().weight.detach().to(torch.float32)
         self._embedding = embedding
-        self._scheduler = DecodeScheduler(model, pad_id=self.pad_id, eos_ids=eos_ids, max_batch=max_batch)
+        self._scheduler = DecodeScheduler(model, pad_id=self.pad_id, eos_ids=eos_ids, max_batch=max_batch,
+                                          threads=threads)
 
     @classmethod
     def from_pretrained(
@@ -272,6 +274,7 @@ class LocalBackend(Backend):
         cache_dir: Path | None = None,
         system_prompt: str | None = None,
         max_input_tokens: int | None = None,
+        threads: int | None = None,
     ) -> LocalBackend:
         """Load ``default`` (SmolLM2-135M-Instruct), an HF folder or a ``.gguf`` file.
 
@@ -304,7 +307,7 @@ class LocalBackend(Backend):
                 _LOADED[key] = (model, tokenizer, embedding)
             model, tokenizer, embedding = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,
-                      embedding=embedding)
+                      embedding=embedding, threads=threads)
         backend.name = model_display_name(path)
         return backend
 
