@@ -365,7 +365,7 @@ class ModelConfig(_Strict):
     max_input_tokens: int | None = Field(None, gt=0, description="reject longer prompts; default: the model's context")
     threads: int | None = Field(None, gt=0, description=(
         "backend: local: torch threads of the decoding worker (callers keep their own count); "
-        "default: torch's count when the worker starts"))
+        "default: every core (OMP_NUM_THREADS if set)"))
     url: str | None = Field(None, validate_default=True, description=(
         "backend: remote: the generation server's base URL (http://host:8000; /v1/completions is appended)"))
     api_key_env: str | None = Field(None, description=(
@@ -431,6 +431,9 @@ class ClassifierConfig(_Strict):
         "how the model is trained: recorded with the saved classifier, a change retrains it"))
     decision: DecisionSettings = Field(default_factory=DecisionSettings, description=(
         "how its probabilities become decisions: a change re-decides at once, never retrains"))
+    threads: int | None = Field(1, gt=0, description=(
+        "torch threads of the classifier's forward pass on the calling thread (null: the caller's own count); "
+        "one leaves the cores to the decoder (eco_guard.threads)"))
 
     @field_validator("decision")
     @classmethod

@@ -23,6 +23,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -304,6 +305,9 @@ class Guard:
         backend = backend or _load_backend(cfg, cfg.model.path)
         if classifier is None:
             classifier = PromptClassifier.from_config(cfg, train_if_missing=train_if_missing, progress=progress)
+        from eco_guard.threads import release_idle_threads
+
+        release_idle_threads()  # loading and training left this thread idle OpenMP workers (eco_guard.threads)
         return cls(cfg, backend, classifier, use_store=use_store)
 
     def with_model(self, model: str | os.PathLike[str]) -> Guard:
@@ -436,11 +440,18 @@ class Guard:
         if self.classifier is None:
             return "no classifier is loaded"
         try:
-            return self.classifier.classify(list(texts))
+            with self._classifier_threads():
+                return self.classifier.classify(list(texts))
         except EcoGuardError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - any scoring failure must route by policy, not crash
             return f"{type(exc).__name__}: {exc}"
+
+    def _classifier_threads(self) -> AbstractContextManager[None]:
+        """The classifier runs on the calling thread with ``classifier.threads`` (eco_guard.threads: why one)."""
+        from eco_guard.threads import torch_threads
+
+        return torch_threads(self.config.classifier.threads)
 
     def _on_error(self, request: GuardRequest, prompt: PreparedPrompt, settings: GenerationParams,
                   reason: str) -> Answer:
@@ -467,7 +478,8 @@ class Guard:
             return []
         terms = [verdict.terms[topic]] if topic in verdict.terms else []
         try:
-            spans = salient_spans(question, topic, self.classifier.score, terms)
+            with self._classifier_threads():
+                spans = salient_spans(question, topic, self.classifier.score, terms)
         except Exception:  # noqa: BLE001 - attribution is best effort: the whole content is corrupted instead
             return []
         # prepare() located the stripped content; the question's words shift by where it starts

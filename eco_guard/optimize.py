@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "KnowledgeObjective",
     "Measurement",
     "QAItem",
+    "best_candidate",
     "SearchResult",
     "ZOResult",
     "optimize_config",
@@ -285,6 +287,13 @@ class Candidate:
         return {"method": self.method, "dims": self.dims, "strength": self.strength, "mode": self.mode,
                 "reached": self.reached, "evaluations": self.evaluations, **self.measurement.summary()}
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Candidate:
+        """The candidate a store's ``candidates`` entry describes (its measurement as rounded there)."""
+        fields = ("hit_rate", "logprob", "fluency_ratio", "repetition", "corrupted")
+        return cls(row["method"], int(row["dims"]), float(row["strength"]), row["mode"],
+                   Measurement(**{k: float(row[k]) for k in fields}), bool(row["reached"]), int(row["evaluations"]))
+
 
 @dataclass
 class SearchResult:
@@ -296,6 +305,7 @@ class SearchResult:
     baseline: Measurement
     target_hit_rate: float
     max_fluency_ratio: float
+    repetition_bound: float
     n_known: int
     n_questions: int
     curves: list[dict[str, Any]] = field(default_factory=list)  # every evaluation: what the report plots
@@ -357,13 +367,16 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             measure(0.0)
         tried = [Candidate(method, d, strength, mode, m, m.hit_rate <= target_hit_rate, len(cache))
                  for strength, m in cache.items()]
-        candidates.append(_best(tried, max_fluency_ratio, repetition_bound))
-    best = _best(candidates, max_fluency_ratio, repetition_bound)
+        candidates.append(best_candidate(tried, max_fluency_ratio, repetition_bound))
+    best = best_candidate(candidates, max_fluency_ratio, repetition_bound)
     return SearchResult(objective.topic, best, candidates, objective.baseline, target_hit_rate, max_fluency_ratio,
+                        repetition_bound,
                         len(objective.known), objective.n_questions, curves)
 
 
-def _best(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetition: float) -> Candidate:
+def best_candidate(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetition: float) -> Candidate:
+    """The search's choice: among candidates that reach the target, the most fluent within both bounds; else
+    the most fluent that reaches it; else the one with the least knowledge left."""
     # Perplexity alone misses loops ("by The End of the World series by The End of ..." is likely text):
     # a fluent candidate also repeats itself no more than max_repetition.
     fluent = [c for c in candidates if c.reached and c.measurement.fluency_ratio <= max_fluency_ratio
@@ -414,6 +427,7 @@ def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, 
                               "(JSONL with question and answers)")
         objective = KnowledgeObjective(guard, name, read_qa(topic.evaluation), max_new_tokens=max_new_tokens)
         seed = topic.corruption.seed if topic.corruption != "learned" else 0
+        started = time.perf_counter()
         result = search_topic(objective, methods=methods, modes=modes, dims=dims, keywords=topic.selection.keywords,
                               target_hit_rate=target_hit_rate, max_fluency_ratio=max_fluency_ratio,
                               max_repetition=max_repetition, steps=steps,
@@ -421,7 +435,8 @@ def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, 
         results[name] = result
         best = result.best
         spec, selection = _spec(best, seed), topic.selection.model_copy(update={"mode": best.mode})
-        store.topics[name] = StoredTopic(spec, selection, _objective(result), [c.row() for c in result.candidates])
+        summary = {**_objective(result), "seconds": round(time.perf_counter() - started, 1)}
+        store.topics[name] = StoredTopic(spec, selection, summary, [c.row() for c in result.candidates])
     store.save(path)
     write_report(results, Path(report_dir) if report_dir else path.with_name(f"{path.stem}-report"))
     return path, results
@@ -435,6 +450,7 @@ def _spec(c: Candidate, seed: int) -> CorruptionSpec:
 
 def _objective(r: SearchResult) -> dict[str, Any]:
     return {"name": "knowledge", "target_hit_rate": r.target_hit_rate, "max_fluency_ratio": r.max_fluency_ratio,
+            "repetition_bound": round(r.repetition_bound, 4),
             "known_questions": r.n_known, "questions": r.n_questions, "baseline": r.baseline.summary(),
             "achieved": r.best.measurement.summary(), "reached": r.best.reached}
 

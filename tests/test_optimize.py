@@ -14,8 +14,10 @@ from eco_guard.config import CorruptionSpec, SelectionConfig, parse_config
 from eco_guard.errors import DataError
 from eco_guard.guard import Guard
 from eco_guard.optimize import (
+    Candidate,
     KnowledgeObjective,
     QAItem,
+    best_candidate,
     read_qa,
     search_topic,
     zeroth_order_scalar,
@@ -116,6 +118,12 @@ def test_search_learns_a_strength_that_removes_the_knowledge(tiny_backend, known
     assert learned.strength > 0.02 and learned.evaluations > 1  # the step moved the strength up
     assert result.best.reached and result.best.measurement.hit_rate <= 0.34
     assert {c.method for c in result.candidates} == {"rand_noise_first_n", "zero_out_top_k"}
+    # what the store keeps of each candidate is enough to apply the search's rule again
+    again = [Candidate.from_row(c.row()) for c in result.candidates]
+    assert [(c.method, c.dims, c.strength, c.mode, c.reached) for c in again] == [
+        (c.method, c.dims, c.strength, c.mode, c.reached) for c in result.candidates]
+    chosen = best_candidate(again, result.max_fluency_ratio, result.repetition_bound)
+    assert (chosen.method, chosen.strength) == (result.best.method, result.best.strength)
 
 
 def test_unknown_knowledge_is_a_clear_error(tiny_backend):

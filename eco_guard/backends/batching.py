@@ -30,6 +30,7 @@ import torch
 
 from eco_guard.backends.base import GenerationParams, StreamEvent
 from eco_guard.backends.decode_step import LlamaDecodeStep
+from eco_guard.threads import default_decode_threads
 
 __all__ = ["DEFAULT_MAX_BATCH", "DecodeRequest", "DecodeScheduler", "SlotCache", "pick_tokens"]
 
@@ -222,13 +223,13 @@ class DecodeScheduler:
         pad_id: the token fed for rows that finished in the step they leave.
         eos_ids: end-of-sequence token ids (a request with ``ignore_eos`` decodes past them).
         max_batch: rows decoded together; further requests wait for a free row.
-        threads: torch intra-op threads of the worker (``None``: as many as the thread that starts it has).
+        threads: torch intra-op threads of the worker (default: every core; :mod:`eco_guard.threads`).
     """
 
     def __init__(self, model: Any, *, pad_id: int, eos_ids: set[int], max_batch: int = DEFAULT_MAX_BATCH,
                  threads: int | None = None):
         self.model, self.pad_id, self.eos_ids, self.max_batch = model, pad_id, frozenset(eos_ids), max_batch
-        self.threads = threads
+        self.threads = threads or default_decode_threads()
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -266,8 +267,7 @@ class DecodeScheduler:
     # ------------------------------------------------------------ worker
 
     def _run(self) -> None:
-        if self.threads:  # OpenMP's thread count is the calling thread's own: callers keep theirs
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)  # this thread's own count: callers keep theirs (eco_guard.threads)
         with torch.inference_mode():
             while True:
                 with self._lock:

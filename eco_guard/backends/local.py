@@ -238,7 +238,7 @@ class LocalBackend(Backend):
 
     The model is only read during generation, so one backend serves many threads; their requests
     decode together (up to ``max_batch`` rows), on one worker thread with ``threads`` torch threads (default:
-    torch's count when the worker starts). ``embedding`` is the float32 token-embedding matrix prompts are
+    every core; :mod:`eco_guard.threads`). ``embedding`` is the float32 token-embedding matrix prompts are
     embedded and corrupted with (default: the model's own, as float32).
     """
 
