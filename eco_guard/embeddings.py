@@ -37,6 +37,8 @@ class MiniLMEmbeddings(Embeddings):
     Args:
         model_path: a sentence-transformers folder; ``None``: the packaged all-MiniLM-L6-v2.
         batch_size: texts per forward pass.
+        threads: torch threads of encoding on the calling thread (``None``: the caller's own count); one, as
+            the guard's classifier, leaves the cores to a local decoder (:mod:`eco_guard.threads`).
 
     Example:
         >>> emb = MiniLMEmbeddings()  # doctest: +SKIP
@@ -44,9 +46,11 @@ class MiniLMEmbeddings(Embeddings):
         384
     """
 
-    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, batch_size: int = BATCH_SIZE):
+    def __init__(self, model_path: str | os.PathLike[str] | None = None, *, batch_size: int = BATCH_SIZE,
+                 threads: int | None = 1):
         self.model_path = Path(model_path) if model_path is not None else default_encoder_path()
         self.batch_size = batch_size
+        self.threads = threads
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -59,7 +63,9 @@ class MiniLMEmbeddings(Embeddings):
                     raise InputError(f"{self.model_path}: not a sentence-transformers folder (no modules.json)")
                 from sentence_transformers import SentenceTransformer
 
-                with warnings.catch_warnings():
+                from eco_guard.threads import torch_threads
+
+                with warnings.catch_warnings(), torch_threads(self.threads):
                     warnings.simplefilter("ignore")
                     self._model = SentenceTransformer(str(self.model_path), device="cpu")
             return self._model
@@ -69,8 +75,12 @@ class MiniLMEmbeddings(Embeddings):
             raise InputError("embeddings take a list of strings")
         if not texts:
             return []
-        vectors = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                    convert_to_numpy=True, show_progress_bar=False)
+        from eco_guard.threads import torch_threads
+
+        model = self.model
+        with torch_threads(self.threads):
+            vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
         return vectors.tolist()
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:

@@ -76,3 +76,23 @@ def test_the_guard_classifies_with_classifier_threads(tiny_backend, setting, exp
         guard.plan("Tell me about a wizard.")
         assert torch.get_num_threads() == 2  # the caller's count is back
     assert guard.classifier.counts == [expected]
+
+
+def test_rag_embeddings_encode_with_their_own_thread_count():
+    import numpy as np
+
+    from eco_guard.embeddings import MiniLMEmbeddings
+
+    counts = []
+
+    class Recorder:
+        def encode(self, texts, **kwargs):
+            counts.append(torch.get_num_threads())
+            return np.zeros((len(texts), 3))
+
+    for setting, expected in ((1, 1), (None, 2)):
+        emb = MiniLMEmbeddings(threads=setting)
+        emb._model = Recorder()
+        with threads.torch_threads(2):
+            assert emb.embed_query("Where is Paris?") == [0.0, 0.0, 0.0]
+        assert counts.pop() == expected
