@@ -1,6 +1,13 @@
 """Unlearning through the whole guard: does a flagged question lose its knowledge, and nothing else?
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1] [--dtype bfloat16]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_unlearning.py [--threads 1] [--dtype bfloat16] [--skip-tofu]
+
+Two parts. (a) tofu_mini (``tofu_mini/run.py --guard --learned``): a model fine-tuned on invented authors,
+where the forget set is known; full / retain / gradient ascent / gradient difference / ECO at a fixed sigma /
+ECO with the corruption ``eco-guard optimize`` learned (best per selection mode), with TOFU's metrics under
+both scorings. Its models are fine-tuned on first use (about 30 min on 2 idle cores, cached in
+``tofu_mini/cache/``), and the learned store (``tofu_mini/eco_learned.eco.json``) ships with the benchmark.
+Writes ``tofu_mini/results/``. (b) The embedded demo guard, below.
 
 The embedded demo guard (SmolLM2-135M-Instruct forgets Harry Potter) answers questions nobody tuned a
 corruption on: the dev Harry Potter questions (``benchmarks/data/topics/harry_potter/qa.jsonl``) and the
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -78,7 +86,7 @@ def run(max_new_tokens: int, dtype: str | None = None) -> dict:
 
 
 def to_markdown(report: dict) -> str:
-    lines = ["# Unlearning through the guard (embedded demo, held-out questions)", "",
+    lines = ["# Unlearning through the guard", "", "## (b) The embedded demo guard on held-out questions", "",
              (f"Model {report['model']} ({report.get('dtype', 'float32')}), greedy, {report['max_new_tokens']} "
               "new tokens. Forget: the "
               f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
@@ -90,6 +98,9 @@ def to_markdown(report: dict) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['variant']} | {r['forget_kept']:.0%} | {r['retain_kept']:.0%} | {r['forget_fluency']:.2f} "
                      f"| {r['forget_repetition']:.2f} | {r['seconds']} |")
+    if "tofu_mini" in report:
+        lines += ["", "## (a) tofu_mini: a model that knows (`tofu_mini/results/results.md`)", "",
+                  report["tofu_mini"]["table"].rstrip()]
     lines += ["", "Replies to the known forget questions:", ""]
     for r in report["rows"]:
         lines += [f"- {r['variant']}:"] + [f"  - {t!r}" for t in r["forget_replies"]]
@@ -124,9 +135,21 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
                         help="model weights' precision (default: the demo config's)")
+    parser.add_argument("--skip-tofu", action="store_true", help="only part (b), the embedded demo guard")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    tofu = None
+    if not args.skip_tofu:
+        sys.path.insert(0, str(ROOT / "tofu_mini"))
+        import run as tofu_mini
+
+        tofu = tofu_mini.main(["--guard", "--learned"])
+        torch.set_num_threads(args.threads)
     report = run(args.max_new_tokens, args.dtype)
+    if tofu is not None:
+        report["tofu_mini"] = {"table": tofu_mini.markdown_table(tofu["methods"]),
+                               "methods": [{k: v for k, v in m.items() if k not in ("splits", "forget_replies")}
+                                           for m in tofu["methods"]]}
     OUT.mkdir(parents=True, exist_ok=True)
     stem = f"unlearning-{args.dtype}" if args.dtype else "unlearning"
     (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -342,3 +342,60 @@ def test_guard_paper_scoring_corrupts_answers_of_flagged_questions_only(tiny):
     assert report["flagged_rate"] == {"forget": 1 / 3, "forget/indirect": 0.0, "forget/question": 0.5,
                                       "general": 0.0, "general/question": 0.0}
     assert [m["text"] for m in report["misrouted"]] == [rows[1]["text"], rows[2]["text"]]
+
+
+# ------------------------------------------------------------------ the learned corruption (eco_learned.yaml)
+
+def test_the_corruption_is_learned_on_questions_the_benchmark_does_not_score():
+    import scoring
+
+    from eco_guard.config import load_config
+    from eco_guard.optimize import read_qa
+
+    topic = load_config(scoring.LEARNED_CONFIG).topics[0]
+    assert topic.corruption == "learned"
+    learn = read_qa(topic.evaluation)
+    scored = {i.question.lower() for i in fixture.load_qa()}
+    forget = [a for a in fixture.load_authors() if a["split"] == "forget"]
+    facts = [" ".join(str(v) for v in a.values()).lower() for a in forget]
+    for item in learn:
+        assert item.question.lower() not in scored, item.question
+        author = next(i for i, a in enumerate(forget) if a["name"] in item.question)  # names a forget author
+        assert all(answer in facts[author] for answer in item.answers), item  # answers are that author's facts
+
+
+def test_learned_variants_pick_each_modes_best_from_the_store(tiny, tmp_path):
+    import run
+    import scoring
+
+    from eco_guard.backends.local import LocalBackend
+    from eco_guard.config import CorruptionSpec, SelectionConfig, load_config
+    from eco_guard.guard import Guard
+    from eco_guard.store import CorruptionStore, StoredTopic
+
+    model, tokenizer = tiny
+    backend = LocalBackend(model, tokenizer)
+    row = {"reached": True, "evaluations": 3, "logprob": -2.0, "repetition": 0.1, "corrupted": 1.0}
+    candidates = [
+        {**row, "method": "rand_noise_first_n", "dims": 1, "strength": 30.0, "mode": "keywords", "hit_rate": 0.0,
+         "fluency_ratio": 1.4},
+        {**row, "method": "zero_out_top_k", "dims": 1, "strength": 0.0, "mode": "keywords", "hit_rate": 0.0,
+         "fluency_ratio": 1.1},
+        {**row, "method": "flip_sign_top_k", "dims": 4, "strength": 0.0, "mode": "content", "hit_rate": 0.5,
+         "fluency_ratio": 1.0, "reached": False},
+        {**row, "method": "rand_noise_first_n", "dims": 4, "strength": 3.0, "mode": "content", "hit_rate": 0.0,
+         "fluency_ratio": 1.9},
+    ]
+    store = CorruptionStore("tiny", backend.fingerprint())
+    chosen = CorruptionSpec(method="zero_out_top_k", dims=1, strength=0.0, seed=0)
+    store.topics["tofu_forget_authors"] = StoredTopic(
+        chosen, SelectionConfig(mode="keywords", keywords=["Varnholm"]),
+        {"max_fluency_ratio": 1.5, "repetition_bound": 0.3, "seconds": 12.0}, candidates)
+    path = store.save(tmp_path / "learned.eco.json")
+    guard = Guard(load_config(scoring.LEARNED_CONFIG).model_copy(update={"store": path}), backend, _NameSpotter())
+    variants = run.learned_variants(guard, path)
+    assert list(variants) == ["keywords", "content"]
+    spec, selection = variants["keywords"]
+    assert (spec, selection.mode, selection.keywords) == (chosen, "keywords", ["Varnholm"])
+    spec, selection = variants["content"]  # the one that reached the target, though less fluent than the bound
+    assert (spec.method, spec.dims, spec.strength, selection.mode) == ("rand_noise_first_n", 4, 3.0, "content")

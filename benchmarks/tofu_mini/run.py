@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +39,7 @@ import finetune  # noqa: E402
 from fixture import DATA_DIR, load_qa  # noqa: E402
 from scoring import (  # noqa: E402
     ECO_CONFIG,
+    LEARNED_CONFIG,
     eco_spec,
     eval_items,
     forget_keywords,
@@ -47,6 +49,7 @@ from scoring import (  # noqa: E402
     keyword_answer_corruptor,
     keyword_corruptor,
     measure,
+    reply_nlls,
     split_scores,
     summarise,
 )
@@ -155,7 +158,27 @@ def measure_eco(sigma: float, items: dict, full_raw: dict) -> dict[str, dict]:
             "eval_seconds": raw_prefill["eval_seconds"] + raw_paper["eval_seconds"]}
 
 
-def measure_eco_guard(items: dict) -> dict:
+def learned_variants(guard: Any, store_path: Path) -> dict[str, tuple[Any, Any]]:
+    """Per selection mode the search tried, the candidate its rule picks among that mode's (``best_candidate``),
+    as ``(spec, selection)``; the store's own choice is one of them (``guard.corruption_of``)."""
+    from eco_guard.optimize import Candidate, best_candidate
+    from eco_guard.store import CorruptionStore
+
+    topic = guard.config.topics[0]
+    entry = CorruptionStore.load(store_path).topics[topic.name]
+    spec, selection = guard.corruption_of(topic.name)
+    out = {}
+    candidates = [Candidate.from_row(row) for row in entry.candidates]
+    for mode in dict.fromkeys(c.mode for c in candidates):
+        best = best_candidate([c for c in candidates if c.mode == mode], entry.objective["max_fluency_ratio"],
+                              entry.objective["repetition_bound"])
+        out[mode] = (spec.model_copy(update={"method": best.method, "dims": best.dims, "strength": best.strength}),
+                     selection.model_copy(update={"mode": mode}))
+    return out
+
+
+def measure_eco_guard(items: dict, config_path: Path = ECO_CONFIG, variant: tuple[str, Any, Any] | None = None
+                      ) -> dict:
     """ECO through ``Guard.from_config("eco.yaml")``: its classifier decides every question
     (forget, retain and general), its selection and corruption apply to the flagged ones.
 
@@ -163,12 +186,13 @@ def measure_eco_guard(items: dict) -> dict:
     ``paper`` (the flagged topic's keywords also corrupted inside the scored answers).
     Also routes the classifier's held-out prompts (``data/prompts.jsonl``, fold ``test``:
     questions, instructions, chat, indirect references). The classifier is trained on
-    first use; its training time is part of ECO's cost.
+    first use; its training time is part of ECO's cost. ``variant``: ``(name, spec, selection)`` in place
+    of the topic's own corruption (``learned_variants``); its raw files get the name as a suffix.
     """
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
 
-    config = load_config(ECO_CONFIG)
+    config = load_config(config_path)
     cost_file = config.classifier.path / "tofu_mini_train_seconds.json"
     start = time.perf_counter()
     guard = Guard.from_config(config, progress=True)
@@ -176,7 +200,11 @@ def measure_eco_guard(items: dict) -> dict:
         cost_file.write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
     cost = json.loads(cost_file.read_text())["seconds"]
     info = finetune.read_info("full")
-    fingerprint = _fingerprint("eco_guard", info, config.model_dump(mode="json"),
+    suffix = ""
+    if variant is not None:
+        name, spec, selection = variant
+        guard, suffix = guard.with_corruption(config.topics[0].name, spec, selection), f"_{name}"
+    fingerprint = _fingerprint("eco_guard", info, guard.config.model_dump(mode="json"),
                                sorted(p.name for p in config.classifier.path.iterdir()))
     model, tokenizer = guard.backend.model, guard.backend.tokenizer
 
@@ -198,9 +226,10 @@ def measure_eco_guard(items: dict) -> dict:
         rows = [json.loads(line) for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines() if line.strip()]
         return heldout_routing(guard, [r for r in rows if r["fold"] == "test"])
 
-    raw = cached("eco_guard", fingerprint, prefill)
-    raw_paper = cached("eco_guard_paper", fingerprint, paper)
-    routing = cached("eco_guard_heldout_routing", fingerprint, heldout)
+    raw = cached(f"eco_guard{suffix}", fingerprint, prefill)
+    raw_paper = cached(f"eco_guard{suffix}_paper", fingerprint, paper)
+    routing = cached("eco_guard_heldout_routing", _fingerprint("routing", info, sorted(
+        p.name for p in config.classifier.path.iterdir())), heldout)
     flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its)
                for split, its in items.items()}
     paper_splits = {split: {**raw_paper["splits"][split], "replies": raw["splits"][split]["replies"]}
@@ -208,7 +237,32 @@ def measure_eco_guard(items: dict) -> dict:
     return {"prefill": {"splits": raw["splits"]}, "paper": {"splits": paper_splits}, "decisions": raw["decisions"],
             "cost_seconds": cost, "flagged_rate": flagged, "heldout_routing": routing,
             "eval_seconds": raw["eval_seconds"] + raw_paper["eval_seconds"] + routing["eval_seconds"],
-            "strength": config.topics[0].corruption.strength}
+            "strength": guard.corruption_of(config.topics[0].name)[0].strength}
+
+
+def learned_rows(items: dict, retain_forget: dict) -> list[dict]:
+    """ECO through the guard with the learned corruption (``eco_learned.yaml`` and its store): one row per
+    selection mode and scoring. Cost: the search's seconds (stored in the report), plus classifier training."""
+    from eco_guard.config import load_config
+    from eco_guard.guard import Guard
+    from eco_guard.store import CorruptionStore, default_store_path
+
+    config = load_config(LEARNED_CONFIG)
+    store = config.store or default_store_path(config.source)
+    guard = Guard.from_config(config)
+    chosen = guard.corruption_of(config.topics[0].name)[1].mode
+    search = CorruptionStore.load(store).topics[config.topics[0].name].objective.get("seconds", 0.0)
+    rows = []
+    for mode, (spec, selection) in learned_variants(guard, store).items():
+        raw = measure_eco_guard(items, LEARNED_CONFIG, (mode, spec, selection))
+        routed = "/".join(f"{raw['flagged_rate'][k]:.0%}" for k in ("forget", "retain", "general"))
+        what = f"{spec.method} dims {spec.dims}" + (f" σ={spec.strength:.3g}" if spec.method.startswith("rand") else "")
+        for variant, label in (("paper", "paper scoring"), ("prefill", "prefill only")):
+            rows.append(_row(f"ECO learned, {mode}{' (stored)' if mode == chosen else ''}: {what}, {label}",
+                             summarise(raw[variant]["splits"], retain_forget, items), raw["cost_seconds"] + search,
+                             note="corruption learned by eco-guard optimize on data/forget_learn_qa.jsonl",
+                             routing=routed))
+    return rows
 
 
 def pick_sigma(sweep: dict[float, dict]) -> float:
@@ -221,19 +275,40 @@ def pick_sigma(sweep: dict[float, dict]) -> float:
 def _row(name: str, summary: dict, cost: float, note: str = "", routing: str = "—") -> dict:
     """One line of the results table; ``routing``: share of forget/retain/general questions corrupted."""
     return {"method": name, **{k: summary[k] for k in ("forget_quality", "model_utility", "forget_rouge_l",
-                                                       "forget_hit_rate")}, "cost_seconds": cost, "routing": routing,
-            "note": note, "splits": summary["splits"]}
+                                                       "forget_hit_rate", "forget_replies")}, "cost_seconds": cost,
+            "routing": routing, "note": note, "splits": summary["splits"]}
+
+
+def add_fluency(rows: list[dict], items: dict) -> None:
+    """Each row's ``forget_fluency``: perplexity of its forget replies under the base model (untuned SmolLM2,
+    which knows none of the authors: a judge of the text, not of the facts) over that of the retain model's
+    replies (the model that never learned them: 1.0). Babble is far above 1."""
+    replies = {r["method"]: r["forget_replies"] for r in rows}
+    fingerprint = _fingerprint("fluency", "base judge", replies)
+
+    def compute() -> dict:
+        model, tokenizer = finetune.load_model("default")
+        model.eval()
+        with torch.inference_mode():
+            return {"nll": {name: reply_nlls(model, tokenizer, items["forget"], texts)
+                            for name, texts in replies.items()}}
+
+    nll = cached("fluency", fingerprint, compute)["nll"]
+    reference = sum(nll["retain"]) / len(nll["retain"])
+    for r in rows:
+        r["forget_fluency"] = math.exp(sum(nll[r["method"]]) / len(nll[r["method"]]) - reference)
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """method × forget quality, model utility, forget ROUGE-L, forget hit rate, cost, and for
+    """method × forget quality, model utility, forget ROUGE-L, forget hit rate, forget fluency, cost, and for
     ECO the share of forget/retain/general questions corrupted."""
-    lines = [("| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | cost (s) | "
-              "corrupted: forget/retain/general |"),
-             "|---|---|---|---|---|---|---|"]
+    lines = [("| method | forget quality ↑ | model utility ↑ | forget ROUGE-L | forget hit rate | forget fluency | "
+              "cost (s) | corrupted: forget/retain/general |"),
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['forget_quality']:.3g} | {r['model_utility']:.3f} | "
-                     f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['cost_seconds']:.0f} | "
+                     f"{r['forget_rouge_l']:.3f} | {r['forget_hit_rate']:.2f} | {r['forget_fluency']:.2f} | "
+                     f"{r['cost_seconds']:.0f} | "
                      f"{r.get('routing', '—')} |")
     return "\n".join(lines) + "\n"
 
@@ -264,7 +339,7 @@ def plot(rows: list[dict], sweep_rows: list[dict], path: Path) -> None:
             ax.annotate(f"σ={r['sigma']:g}", (r["model_utility"], r[key]), fontsize=7,
                         textcoords="offset points", xytext=(4, -8), color=colour)
     markers = "osD^v*P"
-    for r, marker in zip(rows, markers * 2):
+    for r, marker in zip(rows, markers * 3):
         # methods go in the legend: several sit on top of each other near utility 0.55-0.6
         if "through the guard" in r["method"]:  # drawn hollow and larger: it can sit on its oracle twin
             ax.scatter(r["model_utility"], r["forget_quality"], s=180, marker=marker, zorder=4, facecolors="none",
@@ -289,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-train", action="store_true", help="fail instead of training missing models")
     parser.add_argument("--guard", action="store_true",
                         help="also run ECO through Guard.from_config('eco.yaml') (trains its classifier once)")
+    parser.add_argument("--learned", action="store_true",
+                        help="also run ECO through Guard.from_config('eco_learned.yaml'), the corruption learned by "
+                             "`eco-guard optimize`, best per selection mode")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(finetune.NUM_THREADS)
@@ -331,6 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
                                   f"training {guard_raw['cost_seconds']:.0f} s + strength sweep {sweep_cost:.0f} s",
                              routing=routed))
             rows[-1]["classifier_train_seconds"] = guard_raw["cost_seconds"]
+
+    if args.learned:
+        rows += learned_rows(items, retain_forget)
+    add_fluency(rows, items)
 
     base_general = measure_base_general(items)
     RESULTS.mkdir(parents=True, exist_ok=True)

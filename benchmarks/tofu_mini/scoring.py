@@ -89,8 +89,15 @@ def summarise(raw: dict[str, dict[str, list]], retain_forget_raw: dict[str, list
         "model_utility": tofu.harmonic_mean(utility_parts),
         "forget_rouge_l": per_split["forget"]["rouge_l"],
         "forget_hit_rate": per_split["forget"]["hit_rate"],
+        "forget_replies": list(raw["forget"]["replies"]),
         "splits": per_split,
     }
+
+
+def reply_nlls(model: Any, tokenizer: Any, items: Sequence[QAItem], replies: Sequence[str]) -> list[float]:
+    """Per-token NLL of each reply as the answer to its (uncorrupted) question: how likely the text is to
+    the model, whoever wrote it."""
+    return [float(tofu.option_nlls(model, tokenizer, item, [reply or " "])[0]) for item, reply in zip(items, replies)]
 
 
 # --- ECO without the classifier: corrupt the author's name in the prompt -------------------
@@ -118,6 +125,7 @@ def keyword_corruptor(spec: CorruptionSpec, keywords: Sequence[str]) -> tofu.Pro
 
 
 ECO_CONFIG: Final = Path(__file__).resolve().parent / "eco.yaml"
+LEARNED_CONFIG: Final = Path(__file__).resolve().parent / "eco_learned.yaml"
 
 
 def keyword_answer_corruptor(spec: CorruptionSpec, keywords: Sequence[str]) -> tofu.AnswerCorruptor:
@@ -176,7 +184,7 @@ def guard_answer_corruptor(guard: Any, decisions: dict[str, dict]) -> tofu.Answe
     Reads the decision ``guard_corruptor`` recorded for the question (the prompt is
     corrupted, hence routed, before the answers are scored).
     """
-    per_topic = {t.name: keyword_answer_corruptor(t.corruption, list(t.selection.keywords))
+    per_topic = {t.name: keyword_answer_corruptor(guard.corruption_of(t.name)[0], list(t.selection.keywords))
                  for t in guard.config.topics}
 
     def corrupt(embeds: torch.Tensor, text: str, offsets: list[tuple[int, int]], item: QAItem) -> torch.Tensor:
