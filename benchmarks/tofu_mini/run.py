@@ -60,6 +60,11 @@ RESULTS: Final = HERE / "results"
 RAW: Final = RESULTS / "raw"
 SIGMAS: Final = (1.0, 3.0, 5.0, 10.0, 30.0)
 WEIGHT_METHODS: Final = ("full", "retain", "grad_ascent", "grad_diff")
+# How eco_learned.eco.json was learned (eco_learned.yaml names the command). The fluency bound is off: on a model
+# that memorised its answers, the plain replies' perplexity is about 1, so every reply that forgets is far above
+# any ratio to them; the search then takes, of the candidates that forget, the one the model finds most likely.
+LEARNING: Final = {"modes": ("keywords", "content", "salient"), "dims": (1, 4), "steps": 10,
+                   "target_hit_rate": 0.05, "max_fluency_ratio": 1000.0}
 logger = logging.getLogger("tofu_mini.run")
 
 
@@ -245,11 +250,17 @@ def learned_rows(items: dict, retain_forget: dict) -> list[dict]:
     selection mode and scoring. Cost: the search's seconds (stored in the report), plus classifier training."""
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
-    from eco_guard.store import CorruptionStore, default_store_path
+    from eco_guard.optimize import optimize_config
+    from eco_guard.store import CorruptionStore, StoreError, default_store_path
 
     config = load_config(LEARNED_CONFIG)
     store = config.store or default_store_path(config.source)
-    guard = Guard.from_config(config)
+    try:
+        guard = Guard.from_config(config)
+    except StoreError as exc:  # no store, or one learned on another fine-tuning of cache/full: learn it here
+        logger.info("%s; learning it (about 12 min on 2 cores)", exc)
+        optimize_config(LEARNED_CONFIG, **LEARNING)
+        guard = Guard.from_config(config)
     chosen = guard.corruption_of(config.topics[0].name)[1].mode
     search = CorruptionStore.load(store).topics[config.topics[0].name].objective.get("seconds", 0.0)
     rows = []
