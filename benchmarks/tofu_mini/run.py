@@ -182,18 +182,9 @@ def learned_variants(guard: Any, store_path: Path) -> dict[str, tuple[Any, Any]]
     return out
 
 
-def measure_eco_guard(items: dict, config_path: Path = ECO_CONFIG, variant: tuple[str, Any, Any] | None = None
-                      ) -> dict:
-    """ECO through ``Guard.from_config("eco.yaml")``: its classifier decides every question
-    (forget, retain and general), its selection and corruption apply to the flagged ones.
-
-    Scored two ways, as the oracle-routed ECO: ``prefill`` (what the guard does) and
-    ``paper`` (the flagged topic's keywords also corrupted inside the scored answers).
-    Also routes the classifier's held-out prompts (``data/prompts.jsonl``, fold ``test``:
-    questions, instructions, chat, indirect references). The classifier is trained on
-    first use; its training time is part of ECO's cost. ``variant``: ``(name, spec, selection)`` in place
-    of the topic's own corruption (``learned_variants``); its raw files get the name as a suffix.
-    """
+def guard_and_cost(config_path: Path = ECO_CONFIG) -> tuple[Any, float]:
+    """``Guard.from_config(config_path)`` and the seconds its classifier took to train (trained on first use,
+    and remembered beside it: that time is part of ECO's cost)."""
     from eco_guard.config import load_config
     from eco_guard.guard import Guard
 
@@ -203,14 +194,23 @@ def measure_eco_guard(items: dict, config_path: Path = ECO_CONFIG, variant: tupl
     guard = Guard.from_config(config, progress=True)
     if not cost_file.exists():  # trained just now: remember how long it took
         cost_file.write_text(json.dumps({"seconds": round(time.perf_counter() - start, 1)}))
-    cost = json.loads(cost_file.read_text())["seconds"]
+    return guard, json.loads(cost_file.read_text())["seconds"]
+
+
+def measure_eco_guard(items: dict, guard: Any, cost: float, name: str = "eco_guard") -> dict:
+    """ECO through ``guard`` (``guard_and_cost``): its classifier decides every question
+    (forget, retain and general), its selection and corruption apply to the flagged ones.
+
+    Scored two ways, as the oracle-routed ECO: ``prefill`` (what the guard does) and
+    ``paper`` (the flagged topic's keywords also corrupted inside the scored answers).
+    Also routes the classifier's held-out prompts (``data/prompts.jsonl``, fold ``test``:
+    questions, instructions, chat, indirect references). ``name``: the raw files' stem (one per
+    corruption measured; the routing depends on the classifier only and is shared).
+    """
+    config = guard.config
     info = finetune.read_info("full")
-    suffix = ""
-    if variant is not None:
-        name, spec, selection = variant
-        guard, suffix = guard.with_corruption(config.topics[0].name, spec, selection), f"_{name}"
-    fingerprint = _fingerprint("eco_guard", info, guard.config.model_dump(mode="json"),
-                               sorted(p.name for p in config.classifier.path.iterdir()))
+    classifier_files = sorted(p.name for p in config.classifier.path.iterdir())
+    fingerprint = _fingerprint("eco_guard", info, config.model_dump(mode="json"), classifier_files)
     model, tokenizer = guard.backend.model, guard.backend.tokenizer
 
     def prefill() -> dict:
@@ -231,10 +231,9 @@ def measure_eco_guard(items: dict, config_path: Path = ECO_CONFIG, variant: tupl
         rows = [json.loads(line) for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines() if line.strip()]
         return heldout_routing(guard, [r for r in rows if r["fold"] == "test"])
 
-    raw = cached(f"eco_guard{suffix}", fingerprint, prefill)
-    raw_paper = cached(f"eco_guard{suffix}_paper", fingerprint, paper)
-    routing = cached("eco_guard_heldout_routing", _fingerprint("routing", info, sorted(
-        p.name for p in config.classifier.path.iterdir())), heldout)
+    raw = cached(name, fingerprint, prefill)
+    raw_paper = cached(f"{name}_paper", fingerprint, paper)
+    routing = cached("eco_guard_heldout_routing", _fingerprint("routing", info, classifier_files), heldout)
     flagged = {split: sum(raw["decisions"][i.question]["flagged"] for i in its) / len(its)
                for split, its in items.items()}
     paper_splits = {split: {**raw_paper["splits"][split], "replies": raw["splits"][split]["replies"]}
@@ -248,29 +247,28 @@ def measure_eco_guard(items: dict, config_path: Path = ECO_CONFIG, variant: tupl
 def learned_rows(items: dict, retain_forget: dict) -> list[dict]:
     """ECO through the guard with the learned corruption (``eco_learned.yaml`` and its store): one row per
     selection mode and scoring. Cost: the search's seconds (stored in the report), plus classifier training."""
-    from eco_guard.config import load_config
-    from eco_guard.guard import Guard
     from eco_guard.optimize import optimize_config
     from eco_guard.store import CorruptionStore, StoreError, default_store_path
 
-    config = load_config(LEARNED_CONFIG)
-    store = config.store or default_store_path(config.source)
     try:
-        guard = Guard.from_config(config)
+        guard, cost = guard_and_cost(LEARNED_CONFIG)
     except StoreError as exc:  # no store, or one learned on another fine-tuning of cache/full: learn it here
         logger.info("%s; learning it (about 12 min on 2 cores)", exc)
         optimize_config(LEARNED_CONFIG, **LEARNING)
-        guard = Guard.from_config(config)
+        guard, cost = guard_and_cost(LEARNED_CONFIG)
+    config = guard.config
+    store = config.store or default_store_path(config.source)
     chosen = guard.corruption_of(config.topics[0].name)[1].mode
     search = CorruptionStore.load(store).topics[config.topics[0].name].objective.get("seconds", 0.0)
     rows = []
     for mode, (spec, selection) in learned_variants(guard, store).items():
-        raw = measure_eco_guard(items, LEARNED_CONFIG, (mode, spec, selection))
+        variant = guard.with_corruption(config.topics[0].name, spec, selection)
+        raw = measure_eco_guard(items, variant, cost, f"eco_guard_{mode}")
         routed = "/".join(f"{raw['flagged_rate'][k]:.0%}" for k in ("forget", "retain", "general"))
         what = f"{spec.method} dims {spec.dims}" + (f" σ={spec.strength:.3g}" if spec.method.startswith("rand") else "")
-        for variant, label in (("paper", "paper scoring"), ("prefill", "prefill only")):
+        for scored, label in (("paper", "paper scoring"), ("prefill", "prefill only")):
             rows.append(_row(f"ECO learned, {mode}{' (stored)' if mode == chosen else ''}: {what}, {label}",
-                             summarise(raw[variant]["splits"], retain_forget, items), raw["cost_seconds"] + search,
+                             summarise(raw[scored]["splits"], retain_forget, items), cost + search,
                              note="corruption learned by eco-guard optimize on data/forget_learn_qa.jsonl",
                              routing=routed))
     return rows
@@ -408,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
                    **summaries["paper"][s]} for s in SIGMAS]
     guard_flagged = guard_routing = None
     if args.guard:
-        guard_raw = measure_eco_guard(items)
+        guard_raw = measure_eco_guard(items, *guard_and_cost())
         guard_flagged, guard_routing = guard_raw["flagged_rate"], guard_raw["heldout_routing"]
         routed = "/".join(f"{guard_flagged[k]:.0%}" for k in ("forget", "retain", "general"))
         # ECO's cost through the guard: training its classifier, plus the sweep that chose sigma.
