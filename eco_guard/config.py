@@ -450,13 +450,8 @@ class SelectionConfig(_Strict):
     make the classifier fire (``salient``: found per prompt by occlusion; the whole content when none is)."""
 
     mode: Literal["content", "keywords", "salient"] = "content"
-    keywords: list[str] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _keywords_needed(self) -> SelectionConfig:
-        if self.mode == "keywords" and not any(k.strip() for k in self.keywords):
-            raise ValueError("mode 'keywords' needs a non-empty 'keywords' list")
-        return self
+    keywords: list[str] = Field(default_factory=list, description=(
+        "what mode 'keywords' corrupts (whole words, any case); empty: the topic's terms and weak terms"))
 
 
 class TopicConfig(_Strict):
@@ -481,6 +476,14 @@ class TopicConfig(_Strict):
     evaluation: Path | None = Field(None, description=(
         "short-answer questions about the topic (JSONL: question, answers) that `eco-guard optimize` learns "
         "the corruption on"))
+
+    @field_validator("selection")
+    @classmethod
+    def _keywords_needed(cls, selection: SelectionConfig, info: ValidationInfo) -> SelectionConfig:
+        if selection.mode == "keywords" and not any(k.strip() for k in selection.keywords) \
+                and not (info.data.get("terms") or info.data.get("weak_terms")):
+            raise ValueError("mode 'keywords' needs a non-empty 'keywords' list, or topic 'terms' to use instead")
+        return selection
 
 
 _MIB: Final = 1 << 20

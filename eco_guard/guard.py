@@ -38,7 +38,7 @@ from eco_guard.backends.base import (
 )
 from eco_guard.config import GuardConfig, TopicConfig, load_config
 from eco_guard.errors import EcoGuardError, InputError
-from eco_guard.selection import find_spans, salient_spans, select_mask, token_mask
+from eco_guard.selection import find_spans, salient_spans, select_mask, token_mask, with_keywords
 
 if TYPE_CHECKING:
     from eco_guard.classifier import Classification, PromptClassifier
@@ -225,26 +225,26 @@ class Answer:
 
 def _resolve_corruptions(config: GuardConfig, backend: Backend,
                          use_store: bool) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
-    """Each topic's corruption; ``learned`` ones from the store, which must match this model."""
+    """Each topic's corruption; ``learned`` ones from the store, which must match this model. A keyword
+    selection that lists no keywords gets the topic's terms (:func:`~eco_guard.selection.topic_keywords`)."""
     from eco_guard.config import CorruptionSpec
     from eco_guard.store import CorruptionStore, StoreError, default_store_path
 
     learned = [t.name for t in config.topics if t.corruption == "learned"]
     resolved = {t.name: (t.corruption, t.selection) for t in config.topics if t.corruption != "learned"}
-    if not learned:
-        return resolved
-    if not use_store:
-        return {**resolved, **{name: (CorruptionSpec(), config.topic(name).selection) for name in learned}}
-    command = f"eco-guard optimize {config.source or 'CONFIG'}"
-    path = config.store or default_store_path(config.source)
-    if path is None:
-        raise StoreError(f"topics {', '.join(learned)} use 'corruption: learned' but the config names no 'store'")
-    store = CorruptionStore.load(path, command=command)
-    fingerprint = backend.fingerprint()
-    for name in learned:
-        entry = store.entry(name, fingerprint, file=str(path), command=command)
-        resolved[name] = (entry.corruption, entry.selection)
-    return {t.name: resolved[t.name] for t in config.topics}
+    if learned and not use_store:
+        resolved.update({name: (CorruptionSpec(), config.topic(name).selection) for name in learned})
+    elif learned:
+        command = f"eco-guard optimize {config.source or 'CONFIG'}"
+        path = config.store or default_store_path(config.source)
+        if path is None:
+            raise StoreError(f"topics {', '.join(learned)} use 'corruption: learned' but the config names no 'store'")
+        store = CorruptionStore.load(path, command=command)
+        fingerprint = backend.fingerprint()
+        for name in learned:
+            entry = store.entry(name, fingerprint, file=str(path), command=command)
+            resolved[name] = (entry.corruption, entry.selection)
+    return {t.name: (resolved[t.name][0], with_keywords(resolved[t.name][1], t)) for t in config.topics}
 
 
 def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> Backend:
@@ -320,7 +320,7 @@ class Guard:
         """The same guard with one topic's corruption (and token selection) replaced: what the optimiser tries."""
         if topic not in self._corruptions:
             raise EcoGuardError(f"no topic named {topic!r}; the config has {', '.join(self._corruptions)}")
-        selection = selection or self._corruptions[topic][1]
+        selection = with_keywords(selection, self.config.topic(topic)) if selection else self._corruptions[topic][1]
         topics = [t.model_copy(update={"corruption": spec, "selection": selection}) if t.name == topic else t
                   for t in self.config.topics]
         guard = type(self)(self.config.model_copy(update={"topics": topics}), self.backend, self.classifier,

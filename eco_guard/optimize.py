@@ -7,8 +7,13 @@ refused nor babbled. So a candidate corruption is judged on two things, each thr
 - **knowledge**: the hit rate (an accepted answer in the greedy reply) on the topic's questions that the
   plain model answers right, and, as a smooth surrogate the optimiser can follow, the mean per-token
   log-probability of those plain, correct replies under the corrupted prompt;
-- **fluency**: the perplexity of the corrupted replies under the uncorrupted model, as a ratio to the plain
-  replies' own, and the share of repeated word bigrams.
+- **fluency**: the perplexity of the corrupted replies under the uncorrupted model, read as text after a
+  neutral request (:data:`NEUTRAL_REQUEST`), as a ratio to the plain replies' own read the same way, and the
+  share of repeated word bigrams. Not read as answers to their questions: the model that knows the topic finds
+  any wrong answer unlikely there, so that ratio punishes exactly the confident "never learned" reply and
+  rewards a deflection ("I'm sorry, as a chatbot I can't...") that states nothing. Read as text, natural
+  replies sit near 1, babble far above, and templates and loops below (more predictable than the model's
+  own answers): a candidate is fluent within a factor of the plain replies on either side.
 
 The strength is searched by the paper's scalar zeroth-order step with two fixes: both sides of a step see
 the same random numbers (a request's noise is seeded by its prompt, so f(σ+ε) and f(σ−ε) differ only by
@@ -58,6 +63,7 @@ __all__ = [
 ]
 
 TINY = 1e-8  # the paper's lower clip of σ − ε
+NEUTRAL_REQUEST = "Write one sentence."  # what a reply is read after when its fluency is measured
 
 
 # ---------------------------------------------------------------- the optimiser
@@ -193,13 +199,21 @@ class Measurement:
 
     hit_rate: float  # share of the known questions still answered right
     logprob: float  # mean per-token log-probability of the plain correct replies, under the corrupted prompt
-    fluency_ratio: float  # perplexity of the replies under the clean model / that of the plain replies
+    fluency_ratio: float  # perplexity of the replies as text under the clean model / the plain replies' (1: as natural)
     repetition: float  # share of repeated word bigrams in the replies
     corrupted: float  # share of the questions the guard corrupted (the others leak whatever the strength)
     replies: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in asdict(self).items() if k != "replies"}
+
+    @property
+    def unnaturalness(self) -> float:
+        """How far the replies' perplexity is from the plain replies', either way (0: as natural)."""
+        return abs(math.log(max(self.fluency_ratio, 1e-12)))
+
+    def fluent(self, max_fluency_ratio: float) -> bool:
+        return self.unnaturalness <= math.log(max_fluency_ratio)
 
 
 def _hit(reply: str, answers: Sequence[str]) -> bool:
@@ -216,7 +230,7 @@ class KnowledgeObjective:
     """Measures one topic's candidate corruptions through the engine, on the questions the plain model knows.
 
     The plain replies are generated once: they define which questions are known, the correct replies whose
-    log-probability the optimiser drives down, and the fluency reference.
+    log-probability the optimiser drives down, and (read as text) the fluency reference.
 
     Example:
         >>> objective = KnowledgeObjective(guard, "harry_potter", read_qa("hp_qa.jsonl"))  # doctest: +SKIP
@@ -234,7 +248,8 @@ class KnowledgeObjective:
         if not self.known:
             raise DataError(f"topic {topic!r}: the plain model answers none of the {len(items)} questions right; "
                             "there is no knowledge to remove")
-        self._plain_ppl = self._perplexity(plain, [r.text for r in results])
+        self._neutral = guard.unguarded(NEUTRAL_REQUEST)
+        self._plain_ppl = self._text_perplexity([t for _, t in self.known])
         prompts = [p for p, r, i in zip(plain, results, items) if _hit(r.text, i.answers)]
         self.baseline = Measurement(1.0, _mean(self._logprobs(prompts, [t for _, t in self.known])), 1.0,
                                     _repetition([t for _, t in self.known]), 0.0, tuple(t for _, t in self.known))
@@ -245,12 +260,10 @@ class KnowledgeObjective:
         answers = [guard.plan(item.request(), max_new_tokens=self.max_new_tokens) for item, _ in self.known]
         replies = [r.text for r in guard.generate_all(answers)]
         hits = [_hit(reply, item.answers) for reply, (item, _) in zip(replies, self.known)]
-        plain_prompts = [self.guard.unguarded(item.request()) for item, _ in self.known]
-        ratio = self._perplexity(plain_prompts, replies) / self._plain_ppl
         return Measurement(
             hit_rate=_mean(hits),
             logprob=_mean(self._logprobs(answers, [t for _, t in self.known])),
-            fluency_ratio=ratio,
+            fluency_ratio=self._text_perplexity(replies) / self._plain_ppl,
             repetition=_repetition(replies),
             corrupted=_mean([a.route == "corrupted" for a in answers]),
             replies=tuple(replies),
@@ -259,8 +272,9 @@ class KnowledgeObjective:
     def _logprobs(self, answers: Sequence[Any], texts: Sequence[str]) -> list[float]:
         return [lp for lp, _ in self.guard.score_replies(answers, texts)]
 
-    def _perplexity(self, answers: Sequence[Any], texts: Sequence[str]) -> float:
-        scored = [(lp, n) for lp, n in self.guard.score_replies(answers, texts) if n]
+    def _text_perplexity(self, texts: Sequence[str]) -> float:
+        """Perplexity of ``texts`` under the clean model, each read after :data:`NEUTRAL_REQUEST`."""
+        scored = [(lp, n) for lp, n in self.guard.score_replies([self._neutral] * len(texts), texts) if n]
         tokens = sum(n for _, n in scored)
         return math.exp(-sum(lp * n for lp, n in scored) / tokens) if tokens else 1.0
 
@@ -319,7 +333,8 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
                  max_step: float = 1.0, seed: int = 0, progress: bool = True) -> SearchResult:
     """Try each method × dims × selection mode; for methods with a strength, learn it (log σ) by the
     zeroth-order step until the hit rate reaches ``target_hit_rate``; pick the candidate that reaches it
-    with the best fluency (within ``max_fluency_ratio`` if any does), else the one with the least knowledge.
+    with the most natural replies (fluency ratio within ``max_fluency_ratio`` either way, if any does), else the
+    one with the least knowledge.
     A candidate's strength is the best point the search measured, by the same rule, not merely its last.
 
     The loss is the drop of the surrogate log-probability below the plain model's (never above zero) plus a
@@ -353,7 +368,7 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
             # likely is a plateau to step across (upwards), not a direction to follow.
             m = measure(math.exp(x))
             removed = min(m.logprob - objective.baseline.logprob, 0.0)
-            return (removed + 10.0 * max(0.0, m.fluency_ratio - max_fluency_ratio)
+            return (removed + 10.0 * max(0.0, m.unnaturalness - math.log(max_fluency_ratio))
                     + 10.0 * max(0.0, m.repetition - repetition_bound))
 
         def reached(x: float, _value: float) -> bool:
@@ -375,18 +390,19 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
 
 
 def best_candidate(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetition: float) -> Candidate:
-    """The search's choice: among candidates that reach the target, the most fluent within both bounds; else
-    the most fluent that reaches it; else the one with the least knowledge left."""
-    # Perplexity alone misses loops ("by The End of the World series by The End of ..." is likely text):
+    """The search's choice: among candidates that reach the target, the most natural within both bounds; else
+    the most natural that reaches it; else the one with the least knowledge left. Most natural: perplexity
+    closest to the plain replies', either way (:attr:`Measurement.unnaturalness`)."""
+    # A short perplexity misses loops ("by The End of the World series by The End of ..." is likely text):
     # a fluent candidate also repeats itself no more than max_repetition.
-    fluent = [c for c in candidates if c.reached and c.measurement.fluency_ratio <= max_fluency_ratio
+    fluent = [c for c in candidates if c.reached and c.measurement.fluent(max_fluency_ratio)
               and c.measurement.repetition <= max_repetition]
     if fluent:
-        return min(fluent, key=lambda c: (c.measurement.fluency_ratio, c.measurement.repetition))
+        return min(fluent, key=lambda c: (c.measurement.unnaturalness, c.measurement.repetition))
     reached = [c for c in candidates if c.reached]
     if reached:  # all forget enough: the least babble
-        return min(reached, key=lambda c: (c.measurement.fluency_ratio, c.measurement.repetition))
-    return min(candidates, key=lambda c: (c.measurement.hit_rate, c.measurement.fluency_ratio))
+        return min(reached, key=lambda c: (c.measurement.unnaturalness, c.measurement.repetition))
+    return min(candidates, key=lambda c: (c.measurement.hit_rate, c.measurement.unnaturalness))
 
 
 # ---------------------------------------------------------------- one config, end to end
@@ -403,6 +419,7 @@ def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, 
     from eco_guard.config import load_config
     from eco_guard.errors import ConfigError
     from eco_guard.guard import Guard
+    from eco_guard.selection import topic_keywords
     from eco_guard.store import CorruptionStore, StoredTopic, StoreError, default_store_path
 
     cfg = load_config(config)
@@ -428,7 +445,7 @@ def optimize_config(config: str | Path, *, topics: Sequence[str] | None = None, 
         objective = KnowledgeObjective(guard, name, read_qa(topic.evaluation), max_new_tokens=max_new_tokens)
         seed = topic.corruption.seed if topic.corruption != "learned" else 0
         started = time.perf_counter()
-        result = search_topic(objective, methods=methods, modes=modes, dims=dims, keywords=topic.selection.keywords,
+        result = search_topic(objective, methods=methods, modes=modes, dims=dims, keywords=topic_keywords(topic),
                               target_hit_rate=target_hit_rate, max_fluency_ratio=max_fluency_ratio,
                               max_repetition=max_repetition, steps=steps,
                               seed=seed, progress=progress)
@@ -450,6 +467,7 @@ def _spec(c: Candidate, seed: int) -> CorruptionSpec:
 
 def _objective(r: SearchResult) -> dict[str, Any]:
     return {"name": "knowledge", "target_hit_rate": r.target_hit_rate, "max_fluency_ratio": r.max_fluency_ratio,
+            "fluency": f"replies read after {NEUTRAL_REQUEST!r}, perplexity over the plain replies'",
             "repetition_bound": round(r.repetition_bound, 4),
             "known_questions": r.n_known, "questions": r.n_questions, "baseline": r.baseline.summary(),
             "achieved": r.best.measurement.summary(), "reached": r.best.reached}
@@ -469,7 +487,8 @@ def write_report(results: dict[str, SearchResult], folder: Path) -> dict[str, Pa
         b = r.best
         lines += [f"## {name}", "",
                   (f"Known questions: {r.n_known} of {r.n_questions} (the plain model's correct answers). "
-                   f"Target: hit rate <= {r.target_hit_rate:.0%}, fluency ratio <= {r.max_fluency_ratio:g}."), "",
+                   f"Target: hit rate <= {r.target_hit_rate:.0%}, fluency ratio (replies read as text) within "
+                   f"1/{r.max_fluency_ratio:g} to {r.max_fluency_ratio:g}."), "",
                   (f"**Best**: {b.method}, dims {b.dims}, strength {b.strength:g}, selection {b.mode}: hit rate "
                    f"{b.measurement.hit_rate:.0%}, log-prob {b.measurement.logprob:.3f} (plain "
                    f"{r.baseline.logprob:.3f}), fluency ratio {b.measurement.fluency_ratio:.2f}, repetition "
@@ -499,8 +518,10 @@ def write_report(results: dict[str, SearchResult], folder: Path) -> dict[str, Pa
             axes[row][1].plot(xs, [p["fluency_ratio"] for p in points], marker="o", label=label)
         axes[row][0].set(xscale="log", xlabel="strength", ylabel="log-prob of known answers",
                          title=f"{name}: knowledge")
-        axes[row][1].axhline(r.max_fluency_ratio, color="grey", linestyle="--")
-        axes[row][1].set(xscale="log", xlabel="strength", ylabel="perplexity ratio", title=f"{name}: fluency")
+        for bound in (r.max_fluency_ratio, 1 / r.max_fluency_ratio):
+            axes[row][1].axhline(bound, color="grey", linestyle="--")
+        axes[row][1].set(xscale="log", yscale="log", xlabel="strength", ylabel="perplexity ratio (text)",
+                         title=f"{name}: fluency")
         axes[row][0].legend(fontsize=7)
     fig.tight_layout()
     png = folder / "optimize.png"

@@ -7,7 +7,8 @@ them only costs fluency.
 
 - ``content`` (default): every token of the last user message's content;
 - ``keywords``: only tokens overlapping a configured keyword (case-insensitive)
-  inside that content — e.g. an author's name, as the ECO paper does for TOFU;
+  inside that content — e.g. an author's name, as the ECO paper does for TOFU; with no
+  keywords configured, the topic's terms and weak terms (:func:`topic_keywords`);
 - ``salient``: only the words that make the classifier flag the prompt (:func:`salient_spans`:
   the words whose removal lowers the topic's logit most, plus its matched terms), found per
   flagged prompt; words are character spans, so the classifier's WordPiece and the chat
@@ -28,11 +29,12 @@ import re
 from collections.abc import Callable, Sequence
 
 from eco_guard.classifier.lexicon import term_pattern
-from eco_guard.config import SelectionConfig
+from eco_guard.config import SelectionConfig, TopicConfig
 
 Span = tuple[int, int]
 
-__all__ = ["Span", "find_spans", "keyword_spans", "salient_spans", "select_mask", "token_mask", "word_spans"]
+__all__ = ["Span", "find_spans", "keyword_spans", "salient_spans", "select_mask", "token_mask", "topic_keywords",
+           "with_keywords", "word_spans"]
 
 _WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 MIN_LOGIT_DROP = 1.0  # a word whose removal moves the topic's logit less than this is not what fired it
@@ -72,6 +74,23 @@ def keyword_spans(text: str, keywords: Sequence[str], within: Sequence[Span]) ->
         for start, end in within
         for m in pattern.finditer(text, start, end)
     ]
+
+
+def topic_keywords(topic: TopicConfig) -> list[str]:
+    """What the topic's ``keywords`` selection matches: its own list, else its terms and weak terms (the names
+    that flag it; a quoted term's quotes dropped, since in a flagged prompt the name is corrupted in any case)."""
+    if any(k.strip() for k in topic.selection.keywords):
+        return list(topic.selection.keywords)
+    from eco_guard.classifier.data import read_terms
+
+    return list(dict.fromkeys(t.strip('"') for t in read_terms([*topic.terms, *topic.weak_terms])))
+
+
+def with_keywords(selection: SelectionConfig, topic: TopicConfig) -> SelectionConfig:
+    """``selection`` with its keywords filled in from the topic where it selects keywords and lists none."""
+    if selection.mode != "keywords" or any(k.strip() for k in selection.keywords):
+        return selection
+    return selection.model_copy(update={"keywords": topic_keywords(topic)})
 
 
 def word_spans(text: str) -> list[Span]:

@@ -318,6 +318,8 @@ def test_valid_config_values_and_defaults():
         cfg.topic("nope")
     minimal = parse_config("topics:\n  - name: a\n")
     assert minimal.on_classifier_error == "flag"  # fail closed by default
+    by_terms = parse_config("topics:\n  - name: a\n    terms: [Hogwarts]\n    selection: {mode: keywords}\n")
+    assert by_terms.topics[0].selection.keywords == []  # the guard matches the topic's terms instead
     assert minimal.topics[0].selection.mode == "content"
     assert minimal.topics[0].corruption.method == "rand_noise_first_n"
 

@@ -88,6 +88,19 @@ def test_keyword_selection_corrupts_only_the_keyword(tiny_backend):
     assert "".join(picked).strip().lower() == "hogwarts"
 
 
+def test_keyword_selection_without_keywords_corrupts_the_topic_terms(tiny_backend):
+    config = CONFIG.replace("  - name: wizards\n", '  - name: wizards\n    terms: [Hogwarts]\n'
+                            '    weak_terms: ["Potter"]\n')
+    cfg = parse_config(config.format(policy="flag", rag="corrupt", selection="{mode: keywords}"))
+    guard = Guard(cfg, tiny_backend, KeywordClassifier())
+    assert guard.corruption_of("wizards")[1].keywords == ["Hogwarts", "Potter"]
+    answer = guard.plan("Did the wizard Potter like hogwarts food?")
+    picked = [tiny_backend.tokenizer.decode([t]) for t, m in zip(answer.prompt.input_ids, answer.corruption.mask) if m]
+    assert "".join(picked).replace(" ", "").lower() == "potterhogwarts"
+    other = guard.with_corruption("wizards", guard.corruption_of("wizards")[0], cfg.topic("space").selection)
+    assert other.corruption_of("wizards")[1].mode == "content"
+
+
 def test_same_prompt_gets_the_same_noise_and_output(tiny_backend):
     guard = make_guard(tiny_backend)
     first, second = guard.invoke("wizard duel tips"), guard.invoke("wizard duel tips")

@@ -15,6 +15,7 @@ from eco_guard.errors import DataError
 from eco_guard.guard import Guard
 from eco_guard.optimize import (
     Candidate,
+    Measurement,
     KnowledgeObjective,
     QAItem,
     best_candidate,
@@ -203,3 +204,18 @@ def test_a_step_is_cut_to_max_step():
     run = zeroth_order_scalar(cliff, 0.0, eps=0.1, lr=1.0, steps=1, max_step=0.5)
     assert run.history[0]["grad"] > 1000
     assert run.x == pytest.approx(-0.5)
+
+
+def _candidate(ratio: float, repetition: float = 0.1, reached: bool = True) -> Candidate:
+    return Candidate("flip_sign_top_k", 8, 0.0, "content", Measurement(0.0, -1.0, ratio, repetition, 1.0), reached, 1)
+
+
+def test_fluency_is_two_sided_and_the_most_natural_candidate_wins():
+    template, natural, babble = _candidate(0.25), _candidate(1.2), _candidate(3.0)
+    assert not template.measurement.fluent(2.0) and natural.measurement.fluent(2.0)
+    assert not babble.measurement.fluent(2.0)
+    # a deflection template reads more predictably than the model's own answers: not "the most fluent"
+    assert best_candidate([template, babble, natural], 2.0, 0.5) is natural
+    assert best_candidate([template, babble], 2.0, 0.5) is babble  # 3x from the plain replies, against 4x
+    assert best_candidate([_candidate(1.5), _candidate(0.8)], 2.0, 0.5).measurement.fluency_ratio == 0.8
+    assert best_candidate([natural, _candidate(1.0, reached=False)], 2.0, 0.5) is natural

@@ -281,3 +281,16 @@ def test_salient_on_the_real_demo_classifier(real_backend):
     pieces = "".join(answer.corrupted_pieces())
     assert answer.route == "corrupted" and "Herm" in pieces
     assert "Who" not in pieces and "best" not in pieces and "school" not in pieces
+
+
+def test_topic_keywords_are_the_list_else_the_topics_terms(tmp_path):
+    from eco_guard.config import TermsFile, TopicConfig
+    from eco_guard.selection import topic_keywords, with_keywords
+
+    (tmp_path / "t.txt").write_text("# names\nHogwarts\n\"Potter\"  # capitalised only\nHogwarts\n", encoding="utf-8")
+    topic = TopicConfig(name="hp", terms=["Harry Potter", TermsFile(path=tmp_path / "t.txt")], weak_terms=["Ron"])
+    assert topic_keywords(topic) == ["Harry Potter", "Hogwarts", "Potter", "Ron"]
+    listed = topic.model_copy(update={"selection": SelectionConfig(mode="keywords", keywords=["Snape"])})
+    assert topic_keywords(listed) == ["Snape"]
+    assert with_keywords(SelectionConfig(mode="keywords"), topic).keywords == topic_keywords(topic)
+    assert with_keywords(SelectionConfig(mode="content"), topic) == SelectionConfig(mode="content")
