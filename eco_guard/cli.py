@@ -259,7 +259,7 @@ def _add_optimize(subparsers: Any) -> None:
     sp.add_argument("--modes", default="content,keywords", help="token selection modes to try")
     sp.add_argument("--dims", default="1", help="comma-separated dims to try")
     sp.add_argument("--target", type=float, default=0.1, help="hit rate to reach on the known questions")
-    sp.add_argument("--max-fluency", type=float, default=2.0, 
+    sp.add_argument("--max-fluency", type=float, default=2.0,
                     help="the replies' perplexity ratio (read as text) must lie within 1/X to X")
     sp.add_argument("--max-repetition", type=float, default=0.1,
                     help="repeated bigrams allowed above the plain replies' own share")

@@ -15,8 +15,8 @@ from eco_guard.errors import DataError
 from eco_guard.guard import Guard
 from eco_guard.optimize import (
     Candidate,
-    Measurement,
     KnowledgeObjective,
+    Measurement,
     QAItem,
     best_candidate,
     read_qa,
