@@ -389,16 +389,24 @@ def search_topic(objective: KnowledgeObjective, *, methods: Sequence[str] = ("ra
                         len(objective.known), objective.n_questions, curves)
 
 
+_NARROWNESS = {"keywords": 0, "salient": 1, "content": 2}
+
+
 def best_candidate(candidates: Sequence[Candidate], max_fluency_ratio: float, max_repetition: float) -> Candidate:
-    """The search's choice: among candidates that reach the target, the most natural within both bounds; else
-    the most natural that reaches it; else the one with the least knowledge left. Most natural: perplexity
+    """The search's choice: among candidates that reach the target within both bounds, the narrowest token
+    selection (keywords, then salient spans, then all content), and of those the most natural; else the most
+    natural that reaches the target; else the one with the least knowledge left. Most natural: perplexity
     closest to the plain replies', either way (:attr:`Measurement.unnaturalness`)."""
     # A short perplexity misses loops ("by The End of the World series by The End of ..." is likely text):
     # a fluent candidate also repeats itself no more than max_repetition.
     fluent = [c for c in candidates if c.reached and c.measurement.fluent(max_fluency_ratio)
               and c.measurement.repetition <= max_repetition]
     if fluent:
-        return min(fluent, key=lambda c: (c.measurement.unnaturalness, c.measurement.repetition))
+        # Narrowest first: with only the names corrupted the rest of the question stays readable, so the
+        # reply answers it, wrongly, as a model that never learned the names would; corrupting all of it
+        # loses the question (fluent text that answers nothing reads as natural as an answer).
+        return min(fluent, key=lambda c: (_NARROWNESS.get(c.mode, len(_NARROWNESS)), c.measurement.unnaturalness,
+                                          c.measurement.repetition))
     reached = [c for c in candidates if c.reached]
     if reached:  # all forget enough: the least babble
         return min(reached, key=lambda c: (c.measurement.unnaturalness, c.measurement.repetition))

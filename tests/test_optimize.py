@@ -219,3 +219,11 @@ def test_fluency_is_two_sided_and_the_most_natural_candidate_wins():
     assert best_candidate([template, babble], 2.0, 0.5) is babble  # 3x from the plain replies, against 4x
     assert best_candidate([_candidate(1.5), _candidate(0.8)], 2.0, 0.5).measurement.fluency_ratio == 0.8
     assert best_candidate([natural, _candidate(1.0, reached=False)], 2.0, 0.5) is natural
+
+
+def test_the_narrowest_selection_wins_among_fluent_candidates():
+    content, keywords = _candidate(1.0), _candidate(1.4)
+    keywords.mode = "keywords"
+    assert best_candidate([content, keywords], 2.0, 0.5) is keywords
+    keywords.measurement = Measurement(0.0, -1.0, 1.4, 0.9, 1.0)  # over the repetition bound: not fluent
+    assert best_candidate([content, keywords], 2.0, 0.5) is content
