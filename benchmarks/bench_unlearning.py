@@ -16,8 +16,9 @@ routing, token selection and corruption as served. Of the questions the plain mo
 
 - forget: share still answered right under the guard (target <= 10%);
 - retain: share still answered right (target >= 98%);
-- fluency: perplexity of the guarded replies under the plain model over that of the plain replies
-  (target <= 2).
+- fluency: perplexity of the guarded replies under the plain model, read as text (``eco_guard.optimize``:
+  after a neutral request), over that of the plain replies (target: within 1/2 to 2; 1 reads as natural,
+  below reads more predictable than the model's own answers: templates and loops).
 
 The demo config's learned corruption (its store, ``eco_guard/data/default.eco.json``), the hand-set sigma 7 it
 replaced, zero_out_top_k on 1 dim, and the paper's fixed choices (rand_noise_first_n, dims 1, sigma 100 and
@@ -91,8 +92,8 @@ def to_markdown(report: dict) -> str:
               "new tokens. Forget: the "
               f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
               f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget "
-              f"kept <= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency <= "
-              f"{TARGETS['fluency']:g}."), "",
+              f"kept <= {TARGETS['forget_kept']:.0%}, retain kept >= {TARGETS['retain_kept']:.0%}, fluency (replies "
+              f"read as text, over the plain replies') within 1/{TARGETS['fluency']:g} to {TARGETS['fluency']:g}."), "",
              "| corruption | forget kept | retain kept | fluency (forget) | repetition | seconds |",
              "|---|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -117,9 +118,10 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title, target in ((axes[0], "forget_kept", "forget kept (lower is better)", TARGETS["forget_kept"]),
                                    (axes[1], "retain_kept", "retain kept (higher is better)", TARGETS["retain_kept"]),
-                                   (axes[2], "forget_fluency", "fluency ratio (lower is better)", TARGETS["fluency"])):
+                                   (axes[2], "forget_fluency", "fluency ratio (1: as natural)", TARGETS["fluency"])):
         ax.bar(names, [r[key] for r in report["rows"]], color="tab:blue")
-        ax.axhline(target, color="grey", linestyle="--")
+        for bound in (target, 1 / target) if key == "forget_fluency" else (target,):
+            ax.axhline(bound, color="grey", linestyle="--")
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         if key == "forget_fluency":

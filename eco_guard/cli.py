@@ -245,7 +245,8 @@ def _run_optimize(args: argparse.Namespace) -> int:
         b, m = r.best, r.best.measurement
         print(f"{name}: {b.method} dims {b.dims} strength {b.strength:g} selection {b.mode}: hit rate "
               f"{m.hit_rate:.0%} of {r.n_known} known (target {r.target_hit_rate:.0%}), fluency ratio "
-              f"{m.fluency_ratio:.2f} (<= {r.max_fluency_ratio:g}){'' if b.reached else '  TARGET NOT REACHED'}")
+              f"{m.fluency_ratio:.2f} (within 1/{r.max_fluency_ratio:g} to {r.max_fluency_ratio:g})"
+              f"{'' if b.reached else '  TARGET NOT REACHED'}")
     print(f"wrote {path} and its report in {time.perf_counter() - started:.0f} s")
     return 0
 

@@ -397,7 +397,7 @@ def best_candidate(candidates: Sequence[Candidate], max_fluency_ratio: float, ma
     selection (keywords, then salient spans, then all content), and of those the most natural; else the most
     natural that reaches the target; else the one with the least knowledge left. Most natural: perplexity
     closest to the plain replies', either way (:attr:`Measurement.unnaturalness`)."""
-    # A short perplexity misses loops ("by The End of the World series by The End of ..." is likely text):
+    # Perplexity alone misses loops ("by The End of the World series by The End of ..." is likely text):
     # a fluent candidate also repeats itself no more than max_repetition.
     fluent = [c for c in candidates if c.reached and c.measurement.fluent(max_fluency_ratio)
               and c.measurement.repetition <= max_repetition]

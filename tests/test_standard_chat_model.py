@@ -12,6 +12,7 @@ import atexit
 import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -51,9 +52,10 @@ def fixed_corruption_config() -> str:
     answers with another model, and a learned corruption belongs to the model it was learned on (another
     model's fingerprint is refused), so the suite runs on the corruption the store holds, stated in the YAML."""
     source = default_config_path()
-    learned = json.loads(source.with_name("default.eco.json").read_text())["topics"]["harry_potter"]["corruption"]
-    spec = ", ".join(f"{k}: {v}" for k, v in learned.items())
-    text = source.read_text().replace("corruption: learned", f"corruption: {{{spec}}}")
+    stored = json.loads(source.with_name("default.eco.json").read_text())["topics"]["harry_potter"]
+    spec = ", ".join(f"{k}: {v}" for k, v in stored["corruption"].items())
+    text = re.sub(r"selection: \{[^}]*\}", f"selection: {json.dumps(stored['selection'])}", source.read_text())
+    text = text.replace("corruption: learned", f"corruption: {{{spec}}}")
     assert "corruption: learned" not in text
     root = Path(tempfile.mkdtemp(prefix="eco-guard-test-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
