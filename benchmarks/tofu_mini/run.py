@@ -60,11 +60,10 @@ RESULTS: Final = HERE / "results"
 RAW: Final = RESULTS / "raw"
 SIGMAS: Final = (1.0, 3.0, 5.0, 10.0, 30.0)
 WEIGHT_METHODS: Final = ("full", "retain", "grad_ascent", "grad_diff")
-# How eco_learned.eco.json was learned (eco_learned.yaml names the command). The fluency bound is off: on a model
-# that memorised its answers, the plain replies' perplexity is about 1, so every reply that forgets is far above
-# any ratio to them; the search then takes, of the candidates that forget, the one the model finds most likely.
+# How eco_learned.eco.json was learned (eco_learned.yaml names the command); the fluency bound is optimize's
+# default (replies read as text within 2x of the plain replies' perplexity, either way).
 LEARNING: Final = {"modes": ("keywords", "content", "salient"), "dims": (1, 4), "steps": 10,
-                   "target_hit_rate": 0.05, "max_fluency_ratio": 1000.0}
+                   "target_hit_rate": 0.05}
 logger = logging.getLogger("tofu_mini.run")
 
 
