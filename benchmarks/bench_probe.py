@@ -231,8 +231,8 @@ def _leak_markdown(leaks: dict[str, Any]) -> list[str]:
              (f"A reply leaks when it states a fact of the described forget author ({', '.join(leaks['facts'])}) "
               "that its prompt does not. *Passed*: the classifier did not flag the prompt. *Reply check*: the "
               "classifier run on the reply as well."), "",
-             "| model | forget descriptions leaking | passed | passed and leaking | of those, caught by the reply "
-             "check | passed negatives the reply check flags | facts leaked |", "|---|---|---|---|---|---|---|"]
+             ("| model | forget descriptions leaking | passed | passed and leaking | of those, caught by the reply "
+              "check | passed negatives the reply check flags | facts leaked |"), "|---|---|---|---|---|---|---|"]
     for name, m in leaks["models"].items():
         facts = ", ".join(f"{k} {v}" for k, v in m["facts_leaked"].items()) or "none"
         lines.append(f"| {name} | {m['leaking']} of {m['positives']} | {m['passed']} | {m['passed_leaking']} | "
