@@ -108,6 +108,10 @@ def test_objective_measures_knowledge_and_fluency_through_the_engine(tiny_backen
     assert weak.hit_rate == 1.0 and weak.logprob == pytest.approx(objective.baseline.logprob, abs=1e-3)
     assert strong.hit_rate < 1.0 and strong.logprob < weak.logprob
     assert strong == objective.measure(CorruptionSpec(strength=1e4), SelectionConfig())  # seeded: reproducible
+    # fluency reads the replies as text: the plain replies themselves (a corruption too weak to change a token)
+    # are the reference, 1; babble from σ = 1e4 is far from it
+    assert weak.replies == objective.baseline.replies and weak.fluency_ratio == pytest.approx(1.0)
+    assert strong.unnaturalness > weak.unnaturalness
 
 
 def test_search_learns_a_strength_that_removes_the_knowledge(tiny_backend, known):
