@@ -5,6 +5,7 @@ Every expected line number is computed from the YAML text itself (the line holdi
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -452,3 +453,13 @@ def test_loading_a_remote_config_imports_no_model_code(tmp_path):
             "print([m for m in ('torch', 'transformers', 'httpx', 'fastapi') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_every_yaml_config_in_the_readme_is_valid(tmp_path):
+    """The README's config examples are what a newcomer copies: each must load as written."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        cfg = parse_config(block, base_dir=tmp_path)
+        assert cfg.topics
