@@ -396,7 +396,7 @@ class Guard:
         user = list(prompt.user_spans) if head.flagged else []
         if head.flagged and self._corruptions[topic.name][1].mode == "salient":
             user = self._salient(request.question, topic.name, head, prompt) or user  # none found: all content
-        plan = self._corruption(prompt, topic, user + find_spans(prompt.text, corrupt_passages))
+        plan = self._corruption(prompt, topic, user, whole=find_spans(prompt.text, corrupt_passages))
         decision = Decision(True, topic.name, lead.score, "corrupted", plan.n_tokens, **common)
         return self._answer(decision, messages, prompt, plan, settings)
 
@@ -486,9 +486,14 @@ class Guard:
         shift = prompt.user_spans[0][0] - (len(question) - len(question.lstrip()))
         return [(s + shift, e + shift) for s, e in spans]
 
-    def _corruption(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]]) -> CorruptionPlan:
+    def _corruption(self, prompt: PreparedPrompt, topic: TopicConfig, spans: list[tuple[int, int]],
+                    whole: Sequence[tuple[int, int]] = ()) -> CorruptionPlan:
+        """The topic's corruption over the tokens its selection picks in ``spans``, and over all of ``whole``:
+        a flagged passage states its knowledge in every word, not only in the names a keyword selection picks."""
         spec, selection = self._corruptions[topic.name]
         mask = select_mask(prompt.text, prompt.offsets, spans, selection)
+        if whole:
+            mask = [a or b for a, b in zip(mask, token_mask(prompt.offsets, whole))]
         if not any(mask):
             # A flagged prompt must never go out uncorrupted: no keyword in it (an indirect
             # reference) -> corrupt the whole span; span not found -> every non-special token.

@@ -135,6 +135,19 @@ def test_rag_corrupts_flagged_passages_only(tiny_backend):
         assert bad_at <= s and e <= bad_at + len(passage_bad) + 1
 
 
+def test_keyword_selection_still_corrupts_a_flagged_passage_whole(tiny_backend):
+    guard = make_guard(tiny_backend, selection="{mode: keywords, keywords: [Hogwarts]}")
+    question, passage_ok, passage_bad = "Where is Hogwarts?", "Paris is in France.", "The wizard school has a lake."
+    answer = guard.plan(GuardRequest.of(question, [passage_ok, passage_bad]))
+    assert answer.decision.flagged and answer.decision.passages_flagged == 1
+    text, offsets, mask = answer.prompt.text, answer.prompt.offsets, answer.corruption.mask
+    bad = (text.index(passage_bad), text.index(passage_bad) + len(passage_bad))
+    in_bad = token_mask(offsets, [bad])
+    assert all(m for m, b in zip(mask, in_bad) if b)  # every token of the flagged passage, not only names
+    others = "".join(text[s:e] for (s, e), m, b in zip(offsets, mask, in_bad) if m and not b)
+    assert others.strip().lower() == "hogwarts"  # elsewhere the keyword selection: only the keyword
+
+
 def test_rag_drop_removes_flagged_passages(tiny_backend):
     guard = make_guard(tiny_backend, rag="drop")
     answer = guard.plan(GuardRequest.of("Tell me something.", ["Paris is in France.", "A wizard lives here."]))
