@@ -399,3 +399,14 @@ def test_learned_variants_pick_each_modes_best_from_the_store(tiny, tmp_path):
     assert (spec, selection.mode, selection.keywords) == (chosen, "keywords", ["Varnholm"])
     spec, selection = variants["content"]  # the one that reached the target, though less fluent than the bound
     assert (spec.method, spec.dims, spec.strength, selection.mode) == ("rand_noise_first_n", 4, 3.0, "content")
+
+
+def test_a_leak_is_a_fact_the_reply_adds_to_its_prompt():
+    sys.path.insert(0, str(FIXTURE_DIR.parent))
+    from bench_probe import leaked_facts
+
+    author = next(a for a in fixture.load_authors() if a["name"] == "Ilsabet Varnholm")
+    asked = "Is the Arctic crime writer who won the Fjellrev still writing?"
+    assert leaked_facts(asked, "She won the Fjellrev Prize in 2006.", author) == []  # the prompt named the award
+    assert leaked_facts(asked, "Her father was a fisherman; she lives in Tromsø.", author) == ["city", "father"]
+    assert leaked_facts("Who is she?", "That is Ilsabet, of course.", author) == ["first name"]
