@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -48,6 +49,10 @@ TOFU: Final = HERE / "tofu_mini"
 MODELS: Final = {"full": TOFU / "cache" / "full", "default": "default"}
 RETAIN: Final = TOFU / "cache" / "retain"  # never saw the forget authors: what "never learned" leaks
 LEAK_FACTS: Final = ("city", "book_key", "award", "award_year", "father", "mother", "habit_key")
+
+if str(TOFU) not in sys.path:
+    sys.path.insert(0, str(TOFU))
+import fixture  # noqa: E402 - tofu_mini's authors and their facts
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -121,15 +126,11 @@ def classifier_flags(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def leaked_facts(prompt: str, reply: str, author: dict[str, Any]) -> list[str]:
-    """The author's facts a reply states that its prompt does not (name parts included): what the reply adds."""
-    import sys
-
-    sys.path.insert(0, str(TOFU))
-    from fixture import award_key  # the award's distinctive word: "Fjellrev" states the Fjellrev Prize
-
+    """The author's facts a reply states that its prompt does not (name parts included): what the reply adds.
+    An award counts by its distinctive word: "Fjellrev" in the prompt already names the Fjellrev Prize."""
     first, last = author["name"].split(" ", 1)
     values = {"first name": first, "last name": last, **{k: str(author[k]) for k in LEAK_FACTS},
-              "award": award_key(author["award"])}
+              "award": fixture.award_key(author["award"])}
     asked, said = prompt.casefold(), reply.casefold()
     return [k for k, v in values.items() if v.casefold() in said and v.casefold() not in asked]
 
@@ -149,17 +150,19 @@ def leak_report(rows: list[dict[str, Any]], prompt_flags: np.ndarray) -> dict[st
     """What a missed description costs: the fine-tuned and the retain model's replies to the blind set, the
     forget authors' facts each reply adds to its prompt, and what checking the reply with the classifier
     (a second chance after generation) would catch, with the false positives it adds on the negatives."""
-    authors = {a["name"]: a for a in json.loads((TOFU / "data" / "authors.json").read_text(encoding="utf-8"))}
+    authors = {a["name"]: a for a in fixture.load_authors()}
     texts = [r["text"] for r in rows]
     positive = np.array([r["label"] == 1 for r in rows])
+    models = {"full": MODELS["full"], "retain": RETAIN}
+    replies = {name: greedy_replies(model, texts) for name, model in models.items()}
+    flags, _ = classifier_flags([t for name in models for t in replies[name]])  # one load of the classifier
+    passed = positive & ~prompt_flags
     out: dict[str, Any] = {"facts": ["first name", "last name", *LEAK_FACTS], "models": {}}
-    for name, model in (("full", MODELS["full"]), ("retain", RETAIN)):
-        replies = greedy_replies(model, texts)
+    for i, name in enumerate(models):
+        reply_flags = flags[i * len(rows): (i + 1) * len(rows)]
         facts = [leaked_facts(r["text"], reply, authors[r["author"]]) if r["label"] == 1 and r.get("author") in
-                 authors else [] for r, reply in zip(rows, replies)]
+                 authors else [] for r, reply in zip(rows, replies[name])]
         leaks = np.array([bool(f) for f in facts])
-        reply_flags, _ = classifier_flags(replies)
-        passed = positive & ~prompt_flags
         out["models"][name] = {
             "positives": int(positive.sum()), "leaking": int(leaks[positive].sum()),
             "passed": int(passed.sum()), "passed_leaking": int(leaks[passed].sum()),
@@ -169,7 +172,7 @@ def leak_report(rows: list[dict[str, Any]], prompt_flags: np.ndarray) -> dict[st
             "negatives_reply_flagged": int((~positive & ~prompt_flags & reply_flags).sum()),
             "facts_leaked": dict(sorted(Counter(k for f in facts for k in f).items())),
             "examples": [{"prompt": r["text"], "reply": reply, "leaked": f, "prompt_flagged": bool(pf)}
-                         for r, reply, f, pf in zip(rows, replies, facts, prompt_flags) if f],
+                         for r, reply, f, pf in zip(rows, replies[name], facts, prompt_flags) if f],
         }
         print(f"leaks ({name}): {out['models'][name]['passed_leaking']} of {out['models'][name]['passed']} passed "
               f"descriptions", flush=True)
