@@ -29,7 +29,7 @@ from typing import Any, Final
 import torch
 
 from eco_guard.backends.base import GenerationParams, StreamEvent
-from eco_guard.backends.decode_step import LlamaDecodeStep
+from eco_guard.backends.decode_step import LlamaDecodeStep, NativeLlamaStep
 from eco_guard.threads import default_decode_threads
 
 __all__ = ["DEFAULT_MAX_BATCH", "DecodeRequest", "DecodeScheduler", "SlotCache", "pick_tokens"]
@@ -234,7 +234,8 @@ class DecodeScheduler:
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self._lean = LlamaDecodeStep(model) if LlamaDecodeStep.supports(model) else None
+        step = next((s for s in (NativeLlamaStep, LlamaDecodeStep) if s.supports(model)), None)
+        self._lean = step(model) if step is not None else None
         self._lock = threading.Lock()
         self._pending: list[DecodeRequest] = []
         self._worker: threading.Thread | None = None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
-__all__ = ["LlamaDecodeStep"]
+__all__ = ["LlamaDecodeStep", "NativeLlamaStep"]
 
 # architectures whose decoder layer is exactly: norm, attention (q/k/v/o, rotary), residual, norm, MLP, residual
 _LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
@@ -102,3 +102,72 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm``'s numbers (normalised in float32, cast, then scaled) in three operations instead of eight."""
     normed = rms_norm(x.to(torch.float32), (x.shape[-1],), eps=norm.variance_epsilon)
     return norm.weight * normed.to(x.dtype)
+
+
+class NativeLlamaStep(LlamaDecodeStep):
+    """The same step as one call of ``native.c``'s ``eco_llama_step``, for bfloat16 models whose products
+    :class:`~eco_guard.backends.native.NativeLinear` runs.
+
+    Between the products, a step in torch makes about 40 small operations a layer, each a few microseconds of
+    dispatch: 8-9 ms a token for SmolLM2-135M, a third of the time the products take. In C the whole step is
+    the products' time. The weights are the model's own (bfloat16, read in place); the residual stream,
+    attention and the logits stay float32 where the torch step rounds them to bfloat16, so its numbers lie
+    between the bfloat16 and the float32 forward (tests compare them).
+    """
+
+    def __init__(self, model: Any):
+        from eco_guard.backends.native import Layer, kernels
+
+        super().__init__(model)
+        config = model.config
+        self._call = kernels().eco_llama_step
+        self._layers = (Layer * len(self.layers))()
+        for slot, layer in zip(self._layers, self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            for field, tensor in (("input_norm", layer.input_layernorm.weight), ("qkv", attn.eco_qkv.weight),
+                                  ("o", attn.o_proj.weight), ("post_norm", layer.post_attention_layernorm.weight),
+                                  ("gate_up", mlp.eco_gate_up.weight), ("down", mlp.down_proj.weight)):
+                setattr(slot, field, tensor.data_ptr())
+        self._sizes = {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
+                       "q_heads": self.q_heads, "kv_heads": config.num_key_value_heads, "head_dim": self.head_dim,
+                       "vocab": self.head.out_features, "eps": self.layers[0].input_layernorm.variance_epsilon,
+                       "scale": self.scaling}
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        """Whether ``model`` is a Llama-family LM laid out for the native kernels (bfloat16, fused, no biases)."""
+        from eco_guard.backends.native import NativeLinear, kernels
+
+        if kernels() is None or not LlamaDecodeStep.supports(model):
+            return False
+        config = model.config
+        layers = model.model.layers[: config.num_hidden_layers]
+        products = [model.lm_head]
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            products += [getattr(attn, "eco_qkv", None), attn.o_proj, getattr(mlp, "eco_gate_up", None), mlp.down_proj]
+        norms = [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
+                                                                     layer.post_attention_layernorm))]
+        head_dim = layers[0].self_attn.head_dim
+        return (all(isinstance(p, NativeLinear) and p.bias is None for p in products)
+                and all(n.weight.dtype == torch.bfloat16 for n in norms)
+                and getattr(config, "hidden_act", None) == "silu" and head_dim % 2 == 0 and head_dim <= 256)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        from eco_guard.backends.native import Shape
+
+        if cache.keys[0].dtype != torch.bfloat16:  # a cache this step did not fill: the torch step reads any
+            return super().__call__(ids, positions, mask, cache)
+        rows = ids.shape[0]
+        hidden = self.embed(ids)[:, 0].float().contiguous()
+        cos, sin = self.rotary(hidden[:, None], positions)  # float32 angles: the input's dtype
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()
+        for slot, keys, values in zip(self._layers, cache.keys, cache.values):
+            slot.keys, slot.values = keys.data_ptr(), values.data_ptr()
+        columns = cache.keys[0].shape[2]
+        shape = Shape(rows=rows, column=cache.t, columns=columns, mask_stride=cache.mask.shape[1], **self._sizes)
+        logits = torch.empty((rows, self._sizes["vocab"]), dtype=torch.float32)
+        self._call(hidden.data_ptr(), self._layers, len(self.layers), cos.data_ptr(), sin.data_ptr(),
+                   cache.mask.data_ptr(), self.norm.weight.data_ptr(), self.head.weight.data_ptr(),
+                   logits.data_ptr(), shape)
+        return logits

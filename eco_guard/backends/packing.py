@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from eco_guard.backends.native import NativeLinear
 from eco_guard.precision import native_bf16
 
 __all__ = ["Int8Linear", "PackedLinear", "TransposedLinear", "decoding_layout", "pack_linears", "quantize_linears"]
@@ -161,8 +162,11 @@ def decoding_layout(model: nn.Module, precision: str,
             if layer.bias is not None:
                 made[f"{name}.bias"] = layer.bias
             return layer
-        make = Int8Linear if precision == "int8" else PackedLinear.wrap
-        return make(parts[0] if len(parts) == 1 else _stacked(parts))
+        linear = parts[0] if len(parts) == 1 else _stacked(parts)
+        if precision == "int8":
+            return Int8Linear(linear)
+        native = NativeLinear.wrap(linear)
+        return native if native is not linear else PackedLinear.wrap(linear)
 
     for index, layer in enumerate(getattr(getattr(model, "model", None), "layers", None) or []):
         for sub, fused_name, names in _FUSED:
@@ -173,7 +177,7 @@ def decoding_layout(model: nn.Module, precision: str,
             fused = convert(f"model.layers.{index}.{sub}.{fused_name}", parts)
             setattr(parent, fused_name, fused)
             for name, part, (a, b) in zip(names, parts, _bounds(parts)):
-                if isinstance(fused, (TransposedLinear, Int8Linear)):
+                if isinstance(fused, (TransposedLinear, Int8Linear, NativeLinear)):
                     setattr(parent, name, fused.rows(a, b))
                 elif isinstance(fused, nn.Linear):  # a precision left as it is
                     part.weight = nn.Parameter(fused.weight[a:b], requires_grad=False)

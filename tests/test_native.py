@@ -1,0 +1,139 @@
+"""The native bfloat16 kernels: the product and the whole decoding step against float32 references, and the
+fallback to torch's kernels wherever they cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from eco_guard.backends import native
+from eco_guard.backends.batching import SlotCache
+from eco_guard.backends.decode_step import LlamaDecodeStep, NativeLlamaStep
+from eco_guard.backends.native import MAX_ROWS, NativeLinear, kernels
+from eco_guard.backends.packing import PackedLinear, decoding_layout
+
+needs_kernels = pytest.mark.skipif(kernels() is None, reason="no AVX512-BF16 CPU or no C compiler here")
+
+
+def _bf16_llama(kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    """A random 2-layer Llama whose sizes the kernels take (hidden and intermediate multiples of 32), in bfloat16."""
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                         tie_word_embeddings=True, initializer_range=0.1)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval().to(torch.bfloat16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS, MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_product_equals_the_float32_product_of_the_same_bfloat16_numbers(rows, bias):
+    linear = torch.nn.Linear(96, 38, bias=bias).to(torch.bfloat16)  # 38 outputs: a partial last block of rows
+    fast = NativeLinear.wrap(linear)
+    assert isinstance(fast, NativeLinear)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)
+    want = x.float() @ linear.weight.float().t() + (linear.bias.float() if bias else 0)
+    with torch.inference_mode():
+        got = fast(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 1, 38)
+    # float32 sums of exact bfloat16 products, then one rounding: within a bfloat16 step of the exact result
+    assert torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-3), (got.float() - want).abs().max()
+
+
+@needs_kernels
+def test_native_parts_of_a_fused_projection_are_views_and_give_its_columns():
+    model = _bf16_llama()
+    decoding_layout(model, "bfloat16")
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.eco_qkv, NativeLinear) and isinstance(attn.k_proj, NativeLinear)
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.eco_qkv.weight.untyped_storage().data_ptr()
+    x = torch.randn(2, 1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        q = attn.q_proj.out_features
+        assert torch.equal(attn.k_proj(x), attn.eco_qkv(x)[..., q : q + attn.k_proj.out_features])
+
+
+def _prefilled(model, lengths: list[int]) -> tuple[SlotCache, torch.Tensor, torch.Tensor]:
+    """A slot cache holding left-padded random prompts of ``lengths``, the last ids and positions."""
+    width = max(lengths)
+    attn = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        attn[row, width - n:] = 1
+    ids = torch.randint(0, model.config.vocab_size, (len(lengths), width), generator=torch.Generator().manual_seed(1))
+    prefill = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, cache=prefill)
+    cache = SlotCache(len(prefill.layers))
+    cache.admit([(layer.keys.clone(), layer.values.clone()) for layer in prefill.layers], attn)
+    return cache, out.logits[:, -1].argmax(-1)[:, None], attn.sum(-1)[:, None]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_native_step_is_nearer_the_float32_forward_than_the_bfloat16_torch_step(kv_heads):
+    model = _bf16_llama(kv_heads)
+    reference = copy.deepcopy(model).float()  # the same bfloat16 numbers, computed in float32
+    decoding_layout(model, "bfloat16")
+    assert NativeLlamaStep.supports(model)
+    fast, torch_step = NativeLlamaStep(model), LlamaDecodeStep(model)
+    ours, ids, positions = _prefilled(model, [5, 9, 2])
+    theirs, rounded_cache = copy.deepcopy(ours), copy.deepcopy(ours)
+    # the float32 forward reads the same cached keys and values, in float32
+    theirs.keys, theirs.values = [k.float() for k in theirs.keys], [v.float() for v in theirs.values]
+    theirs._like = theirs.keys[0]
+    with torch.inference_mode():
+        for _ in range(5):  # the caches grow step by step: every step must agree, not only the first
+            got = fast(ids, positions, ours.step_mask(), ours)
+            want = reference(input_ids=ids, attention_mask=theirs.step_mask(), position_ids=positions,
+                             use_cache=True, cache=theirs).logits[:, -1]
+            rounded = torch_step(ids, positions, rounded_cache.step_mask(), rounded_cache).float()
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
+            assert (got - want).abs().mean() <= (rounded - want).abs().mean()
+            for cache in (ours, theirs, rounded_cache):
+                cache.advance()
+            ids, positions = want.argmax(-1)[:, None], positions + 1
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path, monkeypatch):
+    """``kernels()`` built anew into an empty cache, and forgotten again afterwards."""
+    monkeypatch.setenv("ECO_GUARD_CACHE", str(tmp_path))
+    kernels.cache_clear()
+    yield tmp_path
+    kernels.cache_clear()
+
+
+def test_kernels_switched_off_leave_bfloat16_on_onednn(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("ECO_GUARD_KERNELS", "torch")
+    assert kernels() is None
+    model = _bf16_llama()
+    decoding_layout(model, "bfloat16")
+    assert not isinstance(model.lm_head, NativeLinear) and not NativeLlamaStep.supports(model)
+    packed = isinstance(model.model.layers[0].self_attn.eco_qkv, PackedLinear)
+    assert packed or type(model.model.layers[0].self_attn.eco_qkv) is torch.nn.Linear
+    assert not list(fresh_kernels.iterdir())  # nothing was compiled
+
+
+def test_a_failing_compiler_is_a_warning_and_decoding_stays_on_torch(fresh_kernels, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    monkeypatch.setattr(native, "_cpu_has_avx512_bf16", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="eco_guard.backends.native"):
+        assert kernels() is None
+    assert "native kernels unavailable" in caplog.text
+    linear = torch.nn.Linear(64, 8).to(torch.bfloat16)
+    assert NativeLinear.wrap(linear) is linear
+
+
+@needs_kernels
+def test_the_kernels_are_compiled_once_per_source(fresh_kernels):
+    assert kernels() is not None
+    [built] = (fresh_kernels / "kernels").iterdir()
+    stamp = built.stat().st_mtime_ns
+    kernels.cache_clear()
+    assert kernels() is not None and built.stat().st_mtime_ns == stamp
