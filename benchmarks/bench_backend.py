@@ -56,6 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402, F401
 from eco_guard.backends import local  # noqa: E402
 from eco_guard.backends.base import CorruptionPlan, GenerationParams  # noqa: E402
 from eco_guard.backends.local import LocalBackend, default_gguf_path  # noqa: E402
+from eco_guard.backends.native import kernels  # noqa: E402
 from eco_guard.corruption import CorruptionSpec  # noqa: E402
 from eco_guard.precision import native_bf16, resolved_precision  # noqa: E402
 from eco_guard.selection import token_mask  # noqa: E402
@@ -383,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "decode_threads": args.threads or default_decode_threads(),
             "native_bf16": native_bf16(),
+            "bf16_kernels": "native" if kernels() is not None else "torch (oneDNN)",
+            "cpu": _cpu_name(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
         },
@@ -398,6 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _cpu_name() -> str:
+    """The CPU's model name (the floor and the kernels depend on it)."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+    return line.split(":", 1)[1].strip()
+
+
 def _rate(values: list[float]) -> str:
     return " / ".join(f"{v:.1f}" for v in values)
 
@@ -407,7 +419,9 @@ def render(result: dict) -> str:
     ok = {True: "ok", False: "MISSED"}
     lines = [(f"# Local backend ({result['when']}, {result['machine']['torch_threads']} caller thread(s), "
               f"{result['machine'].get('decode_threads', result['machine']['torch_threads'])} decoding, "
-             f"torch {result['machine']['torch']})"), "", f"`{result['command']}`", ""]
+             f"torch {result['machine']['torch']})"), "", f"`{result['command']}`", "",
+             (f"CPU: {result['machine'].get('cpu', '?')}; bfloat16 kernels: "
+             f"{result['machine'].get('bf16_kernels', 'torch (oneDNN)')}"), ""]
     if "load" in result:
         load = result["load"]
         lines += ["| load | value |", "|---|---|"]

@@ -105,14 +105,16 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 class NativeLlamaStep(LlamaDecodeStep):
-    """The same step as one call of ``native.c``'s ``eco_llama_step``, for bfloat16 models whose products
-    :class:`~eco_guard.backends.native.NativeLinear` runs.
+    """The same step as one call of ``native.c``'s ``eco_llama_step`` when one row decodes, for bfloat16 models
+    whose products :class:`~eco_guard.backends.native.NativeLinear` runs; several rows take the torch step.
 
-    Between the products, a step in torch makes about 40 small operations a layer, each a few microseconds of
-    dispatch: 8-9 ms a token for SmolLM2-135M, a third of the time the products take. In C the whole step is
-    the products' time. The weights are the model's own (bfloat16, read in place); the residual stream,
-    attention and the logits stay float32 where the torch step rounds them to bfloat16, so its numbers lie
-    between the bfloat16 and the float32 forward (tests compare them).
+    Between its products, the torch step makes about 40 small operations a layer, a few microseconds of dispatch
+    each: 8-9 ms a token for SmolLM2-135M, a third of what the products take, for one row as for sixteen. In C the
+    one-row step costs about its products' time. Several rows are compute-bound, where oneDNN's blocked kernels
+    (AMX where the CPU has it) beat a loop that reads each weight once, and the torch step's fixed cost is shared.
+    The weights are the model's own (bfloat16, read in place); the residual stream, attention and logits stay
+    float32 where the torch step rounds them to bfloat16, so its numbers lie between the bfloat16 and the float32
+    forward (tests compare them).
     """
 
     def __init__(self, model: Any):
@@ -156,9 +158,9 @@ class NativeLlamaStep(LlamaDecodeStep):
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         from eco_guard.backends.native import Shape
 
-        if cache.keys[0].dtype != torch.bfloat16:  # a cache this step did not fill: the torch step reads any
-            return super().__call__(ids, positions, mask, cache)
         rows = ids.shape[0]
+        if rows != 1 or cache.keys[0].dtype != torch.bfloat16:
+            return super().__call__(ids, positions, mask, cache)
         hidden = self.embed(ids)[:, 0].float().contiguous()
         cos, sin = self.rotary(hidden[:, None], positions)  # float32 angles: the input's dtype
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()

@@ -61,7 +61,8 @@ static inline void dot_rows(const uint16_t *x, const uint16_t *wb, int64_t rows,
 }
 
 /* y (m, n) = x (m, k) . w (n, k)^T + bias (n, may be NULL); bfloat16 in and out, float32 sums; k % 32 == 0.
- * Each block of ROWS weight rows is read from memory once and multiplied against all m input rows. */
+ * Each block of ROWS weight rows is read from memory once and multiplied against the m input rows (meant for
+ * one or a few rows: a batch is compute-bound, and oneDNN's blocked kernels do that better). */
 void eco_bf16_linear(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
                      int64_t m, int64_t n, int64_t k) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
@@ -124,6 +125,30 @@ typedef struct { /* the shapes of a step */
     float eps, scale;
 } eco_shape;
 
+/* sum of q[j] * key[j] over one head: q in float32, the key in bfloat16 */
+static inline float dot_f32_bf16(const float *q, const uint16_t *key, int64_t d) {
+    int64_t j = 0;
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= d; j += 16) {
+        const __m512 kv = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(key + j)));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), kv, acc);
+    }
+    float sum = _mm512_reduce_add_ps(acc);
+    for (; j < d; j++) sum += q[j] * from_bf16(key[j]);
+    return sum;
+}
+
+/* acc[j] += p * value[j] over one head, the value in bfloat16 */
+static inline void add_scaled_bf16(float *acc, float p, const uint16_t *value, int64_t d) {
+    int64_t j = 0;
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; j + 16 <= d; j += 16) {
+        const __m512 vv = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + j)));
+        _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + j)));
+    }
+    for (; j < d; j++) acc[j] += p * from_bf16(value[j]);
+}
+
 /* One query per (row, head) against the row's cached keys and values at columns 0..column where mask is set. */
 static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask, float *out, const eco_shape *s) {
     const int64_t d = s->head_dim, groups = s->q_heads / s->kv_heads, width = (s->q_heads + 2 * s->kv_heads) * d;
@@ -138,9 +163,7 @@ static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask
         float best = -INFINITY, total = 0.0f, acc[256] = {0}; /* head_dim <= 256, checked by the caller */
         for (int64_t c = 0; c < used; c++) {
             if (!mr[c]) continue;
-            float score = 0.0f;
-            for (int64_t j = 0; j < d; j++) score += q[j] * from_bf16(keys[c * d + j]);
-            score *= s->scale;
+            const float score = dot_f32_bf16(q, keys + c * d, d) * s->scale;
             if (score > best) { /* online softmax: rescale what was summed so far */
                 const float shrink = expf(best - score);
                 total *= shrink;
@@ -149,7 +172,7 @@ static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask
             }
             const float p = expf(score - best);
             total += p;
-            for (int64_t j = 0; j < d; j++) acc[j] += p * from_bf16(values[c * d + j]);
+            add_scaled_bf16(acc, p, values + c * d, d);
         }
         float *o = out + (r * s->q_heads + h) * d;
         for (int64_t j = 0; j < d; j++) o[j] = total > 0.0f ? acc[j] / total : 0.0f;

@@ -1,14 +1,17 @@
-"""The bfloat16 product kernel of ``native.c``: built on first use with the system C compiler, cached, optional.
+"""The bfloat16 kernels of ``native.c``: built on first use with the system C compiler, cached, optional.
 
-Decoding reads every weight once per token, so a decoding step can be no faster than reading the weights. The
-CPU product kernels torch ships fall short of that for one row (oneDNN's packed bfloat16 product: about 1.2x the
-time of a plain sum of the same bytes on one thread, 1.35x on two; ``benchmarks/README.md``, Backend); the loop
-in ``native.c`` reads each weight row once, from ``nn.Linear``'s own layout, and matches the sum.
+Decoding one token reads every weight once, so a decoding step can be no faster than reading the weights. For
+one row, the CPU product kernels torch ships fall short of that (oneDNN's packed bfloat16 product: 1.2x the time
+of a plain sum of the same bytes on one thread, 1.35x on two), and a step in torch adds ~40 small operations a
+layer. ``native.c`` holds a one-row product that reads each weight row once from ``nn.Linear``'s own layout (as
+fast as the sum), and the whole Llama decoding step in one call (:class:`~eco_guard.backends.decode_step.
+NativeLlamaStep`). Numbers: ``benchmarks/README.md``, Backend.
 
-It needs an x86-64 CPU with AVX512-BF16, a C compiler (``$CC``, else ``cc``) and torch's OpenMP runtime; where
-any is missing, or ``ECO_GUARD_KERNELS=torch`` is set, :func:`kernels` is ``None`` and :class:`NativeLinear`
-is never made, so decoding runs on oneDNN exactly as before. The library is compiled once per source and
-compiler flags into ``<cache>/kernels/`` (``$ECO_GUARD_CACHE``), about a second.
+It needs an x86-64 CPU with AVX512-BF16, a C compiler (``$CC``, else ``cc``) and torch's OpenMP runtime
+(libgomp, which the compiled library shares with torch: one thread pool, the thread count torch gives the
+calling thread). Where any is missing, or ``ECO_GUARD_KERNELS=torch`` is set, :func:`kernels` is ``None`` and
+bfloat16 decodes on oneDNN as it would without this module. The library is compiled once per source into
+``<cache>/kernels/`` (``$ECO_GUARD_CACHE``; about a second).
 
 Example:
     >>> import torch
@@ -36,11 +39,10 @@ from typing import Final
 import torch
 from torch import nn
 
-__all__ = ["MAX_ROWS", "NativeLinear", "kernels"]
+__all__ = ["NativeLinear", "kernels"]
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS: Final = 32  # rows a product runs on the kernel; a longer prefill goes to oneDNN (compute-bound there)
 _ABI: Final = 2  # eco_abi_version() of the source this module calls
 _SOURCE: Final = Path(__file__).with_name("native.c")
 _FLAGS: Final = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
@@ -125,44 +127,48 @@ def _bound(kernel, weight: int, bias: int, n: int, k: int):
 
 
 class NativeLinear(nn.Module):
-    """``nn.Linear`` in bfloat16 whose products of up to :data:`MAX_ROWS` rows run on ``native.c`` (inference only).
+    """``nn.Linear`` in bfloat16 whose one-row products run on ``native.c`` (inference only).
 
     The weight stays ``nn.Linear``'s ``(out, in)`` matrix, so a fused projection's parts are row views of it
-    (:meth:`rows`), and longer inputs (a prefill) multiply through ``F.linear``.
+    (:meth:`rows`). Several rows at once are compute-bound, where oneDNN's blocked kernels win (all of
+    SmolLM2's products for 16 rows: 27 ms packed against 78 ms here): they go to ``batched`` (a packed copy,
+    :class:`~eco_guard.backends.packing.PackedLinear`) where one is given, else to ``F.linear``.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batched: nn.Module | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight, persistent=False)
         self.bias = bias
+        self.batched = batched
         # what each call passes, fixed once: a decoding step makes ~120 of these calls, and per-call Python
         # work (attribute look-ups, pointer queries) showed as ~20 us each
         self._call = _bound(kernels().eco_bf16_linear, weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                             self.out_features, self.in_features)
 
     @classmethod
-    def wrap(cls, linear: nn.Linear) -> nn.Module:
-        """A native copy of ``linear`` (sharing its weight), or ``linear`` itself where the kernel cannot run it."""
+    def wrap(cls, linear: nn.Linear, batched: nn.Module | None = None) -> nn.Module:
+        """A native layer over ``linear``'s weight (shared, not copied), or ``linear`` itself where the kernel
+        cannot run it; ``batched`` computes the same layer for several rows."""
         weight = linear.weight.detach()
         if weight.dtype != torch.bfloat16 or linear.in_features % 32 or kernels() is None:
             return linear
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        return cls(weight.contiguous(), bias)
+        return cls(weight.contiguous(), bias, batched)
 
     def rows(self, start: int, end: int) -> NativeLinear:
-        """The layer of outputs ``start:end``, its weight a view of this one's."""
+        """The layer of outputs ``start:end``, its weight a view of this one's (several rows: ``F.linear``)."""
         return NativeLinear(self.weight[start:end], None if self.bias is None else self.bias[start:end])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        rows = flat.shape[0]
-        if rows > MAX_ROWS or x.dtype != torch.bfloat16 or x.requires_grad:
-            return nn.functional.linear(x, self.weight, self.bias)
+        if flat.shape[0] != 1 or x.dtype != torch.bfloat16 or x.requires_grad:
+            return self.batched(x) if self.batched is not None else nn.functional.linear(x, self.weight, self.bias)
         flat = flat.contiguous()
-        y = torch.empty((rows, self.out_features), dtype=torch.bfloat16)
-        self._call(flat.data_ptr(), y.data_ptr(), rows)
+        y = torch.empty((1, self.out_features), dtype=torch.bfloat16)
+        self._call(flat.data_ptr(), y.data_ptr(), 1)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 native kernel"
+        batched = "oneDNN" if self.batched is not None else "F.linear"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bfloat16 native (rows: {batched})"

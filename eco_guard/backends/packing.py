@@ -165,8 +165,9 @@ def decoding_layout(model: nn.Module, precision: str,
         linear = parts[0] if len(parts) == 1 else _stacked(parts)
         if precision == "int8":
             return Int8Linear(linear)
-        native = NativeLinear.wrap(linear)
-        return native if native is not linear else PackedLinear.wrap(linear)
+        packed = PackedLinear.wrap(linear)
+        native = NativeLinear.wrap(linear, batched=None if packed is linear else packed)
+        return packed if native is linear else native
 
     for index, layer in enumerate(getattr(getattr(model, "model", None), "layers", None) or []):
         for sub, fused_name, names in _FUSED:
