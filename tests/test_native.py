@@ -121,6 +121,30 @@ def test_native_step_is_nearer_the_float32_forward_than_the_bfloat16_torch_step(
             ids, positions = want.argmax(-1)[:, None], positions + 1
 
 
+@needs_kernels
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_native_float32_step_gives_the_models_own_forward_up_to_the_order_of_sums(kv_heads):
+    model = _bf16_llama(kv_heads).float()
+    reference = copy.deepcopy(model)
+    decoding_layout(model, "float32")
+    assert NativeLlamaStep.supports(model)
+    fast = NativeLlamaStep(model)
+    ours, ids, positions = _prefilled(model, [5, 9, 2])
+    ours.drop(0)  # one row, behind 7 masked columns
+    ours.drop(1)
+    ids, positions = ids[2:], positions[2:]
+    theirs = copy.deepcopy(ours)
+    with torch.inference_mode():
+        for _ in range(5):
+            got = fast(ids, positions, ours.step_mask(), ours)
+            want = reference(input_ids=ids, attention_mask=theirs.step_mask(), position_ids=positions,
+                             use_cache=True, cache=theirs).logits[:, -1]
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+            ours.advance()
+            theirs.advance()
+            ids, positions = got.argmax(-1)[:, None], positions + 1
+
+
 @pytest.fixture
 def fresh_kernels(tmp_path, monkeypatch):
     """``kernels()`` built anew into an empty cache, and forgotten again afterwards."""

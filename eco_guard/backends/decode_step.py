@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
+from eco_guard.backends.native import Layer, NativeLinear, Shape, kernels
+from eco_guard.backends.packing import TransposedLinear
+
 __all__ = ["LlamaDecodeStep", "NativeLlamaStep"]
 
 # architectures whose decoder layer is exactly: norm, attention (q/k/v/o, rotary), residual, norm, MLP, residual
@@ -105,61 +108,52 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 class NativeLlamaStep(LlamaDecodeStep):
-    """The same step as one call of ``native.c``'s ``eco_llama_step`` when one row decodes, for bfloat16 models
-    whose products :class:`~eco_guard.backends.native.NativeLinear` runs; several rows take the torch step.
+    """The same step as one call of ``native.c``'s ``eco_llama_step`` when one row decodes; several rows take
+    the torch step. For models laid out by :func:`~eco_guard.backends.packing.decoding_layout` in bfloat16
+    (:class:`~eco_guard.backends.native.NativeLinear` products) or float32 (transposed weights).
 
     Between its products, the torch step makes about 40 small operations a layer, a few microseconds of dispatch
-    each: 8-9 ms a token for SmolLM2-135M, a third of what the products take, for one row as for sixteen. In C the
-    one-row step costs about its products' time. Several rows are compute-bound, where oneDNN's blocked kernels
-    (AMX where the CPU has it) beat a loop that reads each weight once, and the torch step's fixed cost is shared.
-    The weights are the model's own (bfloat16, read in place); the residual stream, attention and logits stay
-    float32 where the torch step rounds them to bfloat16, so its numbers lie between the bfloat16 and the float32
-    forward (tests compare them).
+    each: 8-9 ms a token for SmolLM2-135M, for one row as for sixteen. In C the one-row step costs about what
+    reading its weights costs. Several rows are compute-bound, where oneDNN's and MKL's blocked kernels (AMX
+    where the CPU has it) beat a loop that reads each weight once, and the torch step's fixed cost is shared.
+    The weights are the model's own, read in place. In float32 the numbers are the model's own forward's up to
+    the order of the sums; in bfloat16 the residual stream, attention and logits stay float32 where the torch
+    step rounds them, so they lie between the bfloat16 and the float32 forward (tests compare both).
     """
 
     def __init__(self, model: Any):
-        from eco_guard.backends.native import Layer, kernels
-
         super().__init__(model)
         config = model.config
         self._call = kernels().eco_llama_step
+        self._cache_dtype = _layout_dtype(model)
         self._layers = (Layer * len(self.layers))()
         for slot, layer in zip(self._layers, self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for field, tensor in (("input_norm", layer.input_layernorm.weight), ("qkv", attn.eco_qkv.weight),
-                                  ("o", attn.o_proj.weight), ("post_norm", layer.post_attention_layernorm.weight),
-                                  ("gate_up", mlp.eco_gate_up.weight), ("down", mlp.down_proj.weight)):
+            for field, tensor in (("input_norm", layer.input_layernorm.weight), ("qkv", _weight(attn.eco_qkv)),
+                                  ("o", _weight(attn.o_proj)), ("post_norm", layer.post_attention_layernorm.weight),
+                                  ("gate_up", _weight(mlp.eco_gate_up)), ("down", _weight(mlp.down_proj))):
                 setattr(slot, field, tensor.data_ptr())
+        self._head = _weight(self.head)
         self._sizes = {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
                        "q_heads": self.q_heads, "kv_heads": config.num_key_value_heads, "head_dim": self.head_dim,
                        "vocab": self.head.out_features, "eps": self.layers[0].input_layernorm.variance_epsilon,
-                       "scale": self.scaling}
+                       "scale": self.scaling, "precision": 1 if self._cache_dtype == torch.float32 else 0}
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """Whether ``model`` is a Llama-family LM laid out for the native kernels (bfloat16, fused, no biases)."""
-        from eco_guard.backends.native import NativeLinear, kernels
-
-        if kernels() is None or not LlamaDecodeStep.supports(model):
+        """Whether ``model`` is a Llama-family LM laid out for the native step (fused, no biases)."""
+        if kernels() is None or not LlamaDecodeStep.supports(model) or _layout_dtype(model) is None:
             return False
-        config = model.config
-        layers = model.model.layers[: config.num_hidden_layers]
-        products = [model.lm_head]
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            products += [getattr(attn, "eco_qkv", None), attn.o_proj, getattr(mlp, "eco_gate_up", None), mlp.down_proj]
+        layers = model.model.layers[: model.config.num_hidden_layers]
         norms = [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
                                                                      layer.post_attention_layernorm))]
         head_dim = layers[0].self_attn.head_dim
-        return (all(isinstance(p, NativeLinear) and p.bias is None for p in products)
-                and all(n.weight.dtype == torch.bfloat16 for n in norms)
-                and getattr(config, "hidden_act", None) == "silu" and head_dim % 2 == 0 and head_dim <= 256)
+        return (all(n.weight.dtype == _layout_dtype(model) for n in norms)
+                and getattr(model.config, "hidden_act", None) == "silu" and head_dim % 2 == 0 and head_dim <= 256)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
-        from eco_guard.backends.native import Shape
-
         rows = ids.shape[0]
-        if rows != 1 or cache.keys[0].dtype != torch.bfloat16:
+        if rows != 1 or cache.keys[0].dtype != self._cache_dtype:
             return super().__call__(ids, positions, mask, cache)
         hidden = self.embed(ids)[:, 0].float().contiguous()
         cos, sin = self.rotary(hidden[:, None], positions)  # float32 angles: the input's dtype
@@ -170,6 +164,34 @@ class NativeLlamaStep(LlamaDecodeStep):
         shape = Shape(rows=rows, column=cache.t, columns=columns, mask_stride=cache.mask.shape[1], **self._sizes)
         logits = torch.empty((rows, self._sizes["vocab"]), dtype=torch.float32)
         self._call(hidden.data_ptr(), self._layers, len(self.layers), cos.data_ptr(), sin.data_ptr(),
-                   cache.mask.data_ptr(), self.norm.weight.data_ptr(), self.head.weight.data_ptr(),
-                   logits.data_ptr(), shape)
+                   cache.mask.data_ptr(), self.norm.weight.data_ptr(), self._head.data_ptr(), logits.data_ptr(),
+                   shape)
         return logits
+
+
+def _products(model: Any) -> list[Any]:
+    """The linear layers the native step multiplies through, in order (``None`` where a fused one is missing)."""
+    found = []
+    for layer in model.model.layers[: model.config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        found += [getattr(attn, "eco_qkv", None), attn.o_proj, getattr(mlp, "eco_gate_up", None), mlp.down_proj]
+    return [*found, model.lm_head]
+
+
+def _weight(layer: Any) -> torch.Tensor:
+    """What the native step reads of a layer: the bfloat16 ``(out, in)`` or the float32 ``(in, out)`` matrix."""
+    return layer.weight if isinstance(layer, NativeLinear) else layer.weight_t
+
+
+def _layout_dtype(model: Any) -> torch.dtype | None:
+    """bfloat16 or float32 where every product the step needs is laid out for it (native bfloat16 layers, or
+    contiguous transposed float32 ones), without biases; else ``None``."""
+    products = _products(model)
+    if any(p is None or getattr(p, "bias", None) is not None for p in products):
+        return None
+    if all(isinstance(p, NativeLinear) for p in products):
+        return torch.bfloat16
+    if all(isinstance(p, TransposedLinear) and p.weight_t.dtype == torch.float32 and p.weight_t.is_contiguous()
+           for p in products):
+        return torch.float32
+    return None

@@ -17,7 +17,7 @@
 
 #define ROWS 4 /* weight rows read together: four independent accumulator chains */
 
-int eco_abi_version(void) { return 2; }
+int eco_abi_version(void) { return 3; }
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's float -> bfloat16 cast */
     uint32_t u;
@@ -93,14 +93,67 @@ static void product(const uint16_t *x, const uint16_t *w, float *y, int64_t m, i
     }
 }
 
-/* LlamaRMSNorm as transformers computes it in bfloat16: normalised in float32, cast, then scaled and cast. */
-static void rms_norm_bf16(const float *x, const uint16_t *weight, uint16_t *y, int64_t m, int64_t h, float eps) {
+#define COLS 2048 /* columns of a transposed float32 weight summed into at once: 8 KB of output, in L1 */
+
+/* y (m, n) = x . wt, or y += x . wt with accumulate: float32, the weight stored transposed (k, n), as
+ * packing.py lays out float32 weights. Each weight row is streamed in segments of COLS columns (contiguous, a
+ * page or two), four rows at a time into the same output segment. */
+static void product_t(const float *x, const float *wt, float *y, int64_t m, int64_t n, int64_t k, int accumulate) {
+    const int64_t blocks = (n + COLS - 1) / COLS;
+#pragma omp parallel for schedule(static) if (n * k >= (1 << 17))
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t first = b * COLS, cols = n - first < COLS ? n - first : COLS;
+        for (int64_t r = 0; r < m; r++) {
+            const float *xr = x + r * k;
+            float *restrict yr = y + r * n + first;
+            if (!accumulate)
+                for (int64_t c = 0; c < cols; c++) yr[c] = 0.0f;
+            int64_t j = 0;
+            for (; j + 4 <= k; j += 4) {
+                const float x0 = xr[j], x1 = xr[j + 1], x2 = xr[j + 2], x3 = xr[j + 3];
+                const float *restrict w0 = wt + j * n + first, *restrict w1 = w0 + n, *restrict w2 = w1 + n,
+                                      *restrict w3 = w2 + n;
+                for (int64_t c = 0; c < cols; c++) yr[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+            }
+            for (; j < k; j++) {
+                const float xj = xr[j], *restrict wj = wt + j * n + first;
+                for (int64_t c = 0; c < cols; c++) yr[c] += xj * wj[c];
+            }
+        }
+    }
+}
+
+/* The two layouts a step runs on: bfloat16 (weights (out, in), activations rounded to bfloat16 before each
+ * product, bfloat16 cache) and float32 (weights transposed (in, out), float32 throughout). */
+enum { BF16 = 0, F32 = 1 };
+
+static inline void put(void *buf, int64_t i, float v, int precision) {
+    if (precision == F32) ((float *)buf)[i] = v;
+    else ((uint16_t *)buf)[i] = to_bf16(v);
+}
+
+static inline float get(const void *buf, int64_t i, int precision) {
+    return precision == F32 ? ((const float *)buf)[i] : from_bf16(((const uint16_t *)buf)[i]);
+}
+
+static void prod(const void *x, const void *w, float *y, int64_t m, int64_t n, int64_t k, int accumulate,
+                 int precision) {
+    if (precision == F32) product_t(x, w, y, m, n, k, accumulate);
+    else product(x, w, y, m, n, k, accumulate);
+}
+
+/* LlamaRMSNorm: in bfloat16 as transformers computes it (normalised in float32, cast, scaled, cast); in float32
+ * the scaled value itself. */
+static void rms_norm(const float *x, const void *weight, void *y, int64_t m, int64_t h, float eps, int precision) {
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * h;
         double squares = 0.0;
         for (int64_t j = 0; j < h; j++) squares += (double)xr[j] * xr[j];
         const float inv = 1.0f / sqrtf((float)(squares / (double)h) + eps);
-        for (int64_t j = 0; j < h; j++) y[r * h + j] = to_bf16(from_bf16(to_bf16(xr[j] * inv)) * from_bf16(weight[j]));
+        for (int64_t j = 0; j < h; j++) {
+            const float normed = precision == F32 ? xr[j] * inv : from_bf16(to_bf16(xr[j] * inv));
+            put(y, r * h + j, normed * get(weight, j, precision), precision);
+        }
     }
 }
 
@@ -114,56 +167,59 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-typedef struct { /* one decoder layer: bfloat16 weights, and its cache buffers (rows, kv heads, columns, d) */
-    const uint16_t *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
-    uint16_t *keys, *values;
+typedef struct { /* one decoder layer: weights (as the step's precision lays them out), cache buffers (rows, kv
+                  * heads, columns, d) */
+    const void *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+    void *keys, *values;
 } eco_layer;
 
 typedef struct { /* the shapes of a step */
     int64_t rows, hidden, intermediate, q_heads, kv_heads, head_dim, vocab;
     int64_t column, columns, mask_stride; /* column written this step; buffers' columns; mask row stride */
+    int64_t precision;                    /* BF16 or F32 */
     float eps, scale;
 } eco_shape;
 
-/* sum of q[j] * key[j] over one head: q in float32, the key in bfloat16 */
-static inline float dot_f32_bf16(const float *q, const uint16_t *key, int64_t d) {
+static inline __m512 load16(const void *p, int64_t i, int precision) {
+    if (precision == F32) return _mm512_loadu_ps((const float *)p + i);
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+}
+
+/* sum of q[j] * key[j] over one head: q in float32, the key in the cache's precision */
+static inline float dot_key(const float *q, const void *key, int64_t d, int precision) {
     int64_t j = 0;
     __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= d; j += 16) {
-        const __m512 kv = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(key + j)));
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), kv, acc);
-    }
+    for (; j + 16 <= d; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), load16(key, j, precision), acc);
     float sum = _mm512_reduce_add_ps(acc);
-    for (; j < d; j++) sum += q[j] * from_bf16(key[j]);
+    for (; j < d; j++) sum += q[j] * get(key, j, precision);
     return sum;
 }
 
-/* acc[j] += p * value[j] over one head, the value in bfloat16 */
-static inline void add_scaled_bf16(float *acc, float p, const uint16_t *value, int64_t d) {
+/* acc[j] += p * value[j] over one head, the value in the cache's precision */
+static inline void add_value(float *acc, float p, const void *value, int64_t d, int precision) {
     int64_t j = 0;
     const __m512 pv = _mm512_set1_ps(p);
-    for (; j + 16 <= d; j += 16) {
-        const __m512 vv = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(value + j)));
-        _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + j)));
-    }
-    for (; j < d; j++) acc[j] += p * from_bf16(value[j]);
+    for (; j + 16 <= d; j += 16)
+        _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(pv, load16(value, j, precision), _mm512_loadu_ps(acc + j)));
+    for (; j < d; j++) acc[j] += p * get(value, j, precision);
 }
 
 /* One query per (row, head) against the row's cached keys and values at columns 0..column where mask is set. */
 static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask, float *out, const eco_shape *s) {
+    const int precision = (int)s->precision;
     const int64_t d = s->head_dim, groups = s->q_heads / s->kv_heads, width = (s->q_heads + 2 * s->kv_heads) * d;
-    const int64_t tasks = s->rows * s->q_heads, used = s->column + 1;
+    const int64_t tasks = s->rows * s->q_heads, used = s->column + 1, size = precision == F32 ? 4 : 2;
 #pragma omp parallel for schedule(static) if (tasks * used * d >= (1 << 16))
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t r = task / s->q_heads, h = task % s->q_heads, g = h / groups;
         const float *q = qkv + r * width + h * d;
         const size_t base = (size_t)(r * s->kv_heads + g) * s->columns * d;
-        const uint16_t *keys = layer->keys + base, *values = layer->values + base;
+        const char *keys = (const char *)layer->keys + base * size, *values = (const char *)layer->values + base * size;
         const uint8_t *mr = mask + r * s->mask_stride;
         float best = -INFINITY, total = 0.0f, acc[256] = {0}; /* head_dim <= 256, checked by the caller */
         for (int64_t c = 0; c < used; c++) {
             if (!mr[c]) continue;
-            const float score = dot_f32_bf16(q, keys + c * d, d) * s->scale;
+            const float score = dot_key(q, keys + c * d * size, d, precision) * s->scale;
             if (score > best) { /* online softmax: rescale what was summed so far */
                 const float shrink = expf(best - score);
                 total *= shrink;
@@ -172,7 +228,7 @@ static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask
             }
             const float p = expf(score - best);
             total += p;
-            add_scaled_bf16(acc, p, values + c * d, d);
+            add_value(acc, p, values + c * d * size, d, precision);
         }
         float *o = out + (r * s->q_heads + h) * d;
         for (int64_t j = 0; j < d; j++) o[j] = total > 0.0f ? acc[j] / total : 0.0f;
@@ -183,43 +239,44 @@ static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask
  * in float32 and is the residual stream throughout; cos and sin (rows, head_dim) the rotary angles of each row's
  * position; each row's key and value are written at s->column of its layer buffers; logits (rows, vocab). */
 void eco_llama_step(float *hidden, const eco_layer *layers, int64_t n_layers, const float *cos, const float *sin,
-                    const uint8_t *mask, const uint16_t *final_norm, const uint16_t *head, float *logits,
+                    const uint8_t *mask, const void *final_norm, const void *head, float *logits,
                     const eco_shape *s) {
+    const int precision = (int)s->precision;
     const int64_t m = s->rows, h = s->hidden, d = s->head_dim, nq = s->q_heads, nkv = s->kv_heads;
     const int64_t width = (nq + 2 * nkv) * d, inner = s->intermediate;
     const int64_t widest = h > inner ? (h > nq * d ? h : nq * d) : (inner > nq * d ? inner : nq * d);
-    uint16_t *x = malloc(sizeof(uint16_t) * m * widest);
+    void *x = malloc((precision == F32 ? sizeof(float) : sizeof(uint16_t)) * m * widest);
     float *qkv = malloc(sizeof(float) * m * width), *att = malloc(sizeof(float) * m * nq * d);
     float *gate_up = malloc(sizeof(float) * m * 2 * inner);
     for (int64_t l = 0; l < n_layers; l++) {
         const eco_layer *layer = layers + l;
-        rms_norm_bf16(hidden, layer->input_norm, x, m, h, s->eps);
-        product(x, layer->qkv, qkv, m, width, h, 0);
+        rms_norm(hidden, layer->input_norm, x, m, h, s->eps, precision);
+        prod(x, layer->qkv, qkv, m, width, h, 0, precision);
         for (int64_t r = 0; r < m; r++) {
             float *row = qkv + r * width;
             for (int64_t head_i = 0; head_i < nq + nkv; head_i++) rotate(row + head_i * d, cos + r * d, sin + r * d, d);
             for (int64_t g = 0; g < nkv; g++) {
-                const size_t at = ((size_t)(r * nkv + g) * s->columns + s->column) * d;
+                const int64_t at = ((r * nkv + g) * s->columns + s->column) * d;
                 for (int64_t j = 0; j < d; j++) {
-                    layer->keys[at + j] = to_bf16(row[(nq + g) * d + j]);
-                    layer->values[at + j] = to_bf16(row[(nq + nkv + g) * d + j]);
+                    put(layer->keys, at + j, row[(nq + g) * d + j], precision);
+                    put(layer->values, at + j, row[(nq + nkv + g) * d + j], precision);
                 }
             }
         }
         attend(qkv, layer, mask, att, s);
-        for (int64_t i = 0; i < m * nq * d; i++) x[i] = to_bf16(att[i]);
-        product(x, layer->o, hidden, m, h, nq * d, 1);
-        rms_norm_bf16(hidden, layer->post_norm, x, m, h, s->eps);
-        product(x, layer->gate_up, gate_up, m, 2 * inner, h, 0);
+        for (int64_t i = 0; i < m * nq * d; i++) put(x, i, att[i], precision);
+        prod(x, layer->o, hidden, m, h, nq * d, 1, precision);
+        rms_norm(hidden, layer->post_norm, x, m, h, s->eps, precision);
+        prod(x, layer->gate_up, gate_up, m, 2 * inner, h, 0, precision);
         for (int64_t r = 0; r < m; r++)
             for (int64_t j = 0; j < inner; j++) {
                 const float g = gate_up[r * 2 * inner + j], u = gate_up[r * 2 * inner + inner + j];
-                x[r * inner + j] = to_bf16(g / (1.0f + expf(-g)) * u);
+                put(x, r * inner + j, g / (1.0f + expf(-g)) * u, precision);
             }
-        product(x, layer->down, hidden, m, h, inner, 1);
+        prod(x, layer->down, hidden, m, h, inner, 1, precision);
     }
-    rms_norm_bf16(hidden, final_norm, x, m, h, s->eps);
-    product(x, head, logits, m, s->vocab, h, 0);
+    rms_norm(hidden, final_norm, x, m, h, s->eps, precision);
+    prod(x, head, logits, m, s->vocab, h, 0, precision);
     free(x);
     free(qkv);
     free(att);

@@ -43,9 +43,10 @@ __all__ = ["NativeLinear", "kernels"]
 
 log = logging.getLogger(__name__)
 
-_ABI: Final = 2  # eco_abi_version() of the source this module calls
+_ABI: Final = 3  # eco_abi_version() of the source this module calls
 _SOURCE: Final = Path(__file__).with_name("native.c")
-_FLAGS: Final = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+_FLAGS: Final = ("-O3", "-mprefer-vector-width=512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+                  "-fopenmp", "-shared", "-fPIC")
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -104,7 +105,7 @@ def kernels() -> ctypes.CDLL | None:
 
 
 class Layer(ctypes.Structure):
-    """``eco_layer``: one decoder layer's bfloat16 weights and its KV-cache buffers."""
+    """``eco_layer``: one decoder layer's weights and its KV-cache buffers."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "keys", "values")]
@@ -115,7 +116,7 @@ class Shape(ctypes.Structure):
 
     _fields_ = [*[(name, ctypes.c_int64) for name in
                   ("rows", "hidden", "intermediate", "q_heads", "kv_heads", "head_dim", "vocab", "column", "columns",
-                   "mask_stride")], ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                   "mask_stride", "precision")], ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 def _bound(kernel, weight: int, bias: int, n: int, k: int):
