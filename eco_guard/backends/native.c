@@ -12,6 +12,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -99,10 +100,13 @@ static void product(const uint16_t *x, const uint16_t *w, float *y, int64_t m, i
  * packing.py lays out float32 weights. Each weight row is streamed in segments of COLS columns (contiguous, a
  * page or two), four rows at a time into the same output segment. */
 static void product_t(const float *x, const float *wt, float *y, int64_t m, int64_t n, int64_t k, int accumulate) {
-    const int64_t blocks = (n + COLS - 1) / COLS;
-#pragma omp parallel for schedule(static) if (n * k >= (1 << 17))
+    const int parallel = n * k >= (1 << 17), threads = parallel ? omp_get_max_threads() : 1;
+    int64_t width = COLS; /* narrower segments where the columns would not give every thread one */
+    if (n < (int64_t)threads * COLS) width = ((n + threads - 1) / threads + 15) / 16 * 16;
+    const int64_t blocks = (n + width - 1) / width;
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t first = b * COLS, cols = n - first < COLS ? n - first : COLS;
+        const int64_t first = b * width, cols = n - first < width ? n - first : width;
         for (int64_t r = 0; r < m; r++) {
             const float *xr = x + r * k;
             float *restrict yr = y + r * n + first;
