@@ -14,7 +14,7 @@ from eco_guard.backends import native
 from eco_guard.backends.batching import SlotCache
 from eco_guard.backends.decode_step import LlamaDecodeStep, NativeLlamaStep
 from eco_guard.backends.native import NativeLinear, kernels
-from eco_guard.backends.packing import PackedLinear, decoding_layout
+from eco_guard.backends.packing import Int8Linear, PackedLinear, decoding_layout
 
 needs_kernels = pytest.mark.skipif(kernels() is None, reason="no AVX512-BF16 CPU or no C compiler here")
 
@@ -91,6 +91,39 @@ def _prefilled(model, lengths: list[int]) -> tuple[SlotCache, torch.Tensor, torc
     return cache, out.logits[:, -1].argmax(-1)[:, None], attn.sum(-1)[:, None]
 
 
+def _one_row(model) -> tuple[SlotCache, torch.Tensor, torch.Tensor]:
+    """One row left of three prefilled ones (what the native step decodes): the shortest, behind 7 masked columns."""
+    cache, ids, positions = _prefilled(model, [5, 9, 2])
+    cache.drop(0)
+    cache.drop(1)
+    return cache, ids[2:], positions[2:]
+
+
+def _compared_with_float32(model, reference, steps: int = 5) -> list[tuple[float, float, float]]:
+    """Per step (the caches growing): the native step's largest and mean distance from ``reference``'s float32
+    logits, and the torch step's mean distance; ``model`` laid out by ``decoding_layout``."""
+    fast, torch_step = NativeLlamaStep(model), LlamaDecodeStep(model)
+    ours, ids, positions = _one_row(model)
+    theirs, rounded_cache = copy.deepcopy(ours), copy.deepcopy(ours)
+    # the float32 forward reads the same cached keys and values, in float32
+    theirs.keys, theirs.values = [k.float() for k in theirs.keys], [v.float() for v in theirs.values]
+    theirs._like = theirs.keys[0]
+    found = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            got = fast(ids, positions, ours.step_mask(), ours)
+            want = reference(input_ids=ids, attention_mask=theirs.step_mask(), position_ids=positions,
+                             use_cache=True, cache=theirs).logits[:, -1]
+            rounded = torch_step(ids, positions, rounded_cache.step_mask(), rounded_cache).float()
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            found.append((float((got - want).abs().max() / want.abs().max()), float((got - want).abs().mean()),
+                          float((rounded - want).abs().mean())))
+            for cache in (ours, theirs, rounded_cache):
+                cache.advance()
+            ids, positions = want.argmax(-1)[:, None], positions + 1
+    return found
+
+
 @needs_kernels
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_native_step_is_nearer_the_float32_forward_than_the_bfloat16_torch_step(kv_heads):
@@ -98,27 +131,22 @@ def test_native_step_is_nearer_the_float32_forward_than_the_bfloat16_torch_step(
     reference = copy.deepcopy(model).float()  # the same bfloat16 numbers, computed in float32
     decoding_layout(model, "bfloat16")
     assert NativeLlamaStep.supports(model)
-    fast, torch_step = NativeLlamaStep(model), LlamaDecodeStep(model)
-    ours, ids, positions = _prefilled(model, [5, 9, 2])
-    ours.drop(0)  # the native step decodes one row: keep the shortest, behind 7 masked columns
-    ours.drop(1)
-    ids, positions = ids[2:], positions[2:]
-    theirs, rounded_cache = copy.deepcopy(ours), copy.deepcopy(ours)
-    # the float32 forward reads the same cached keys and values, in float32
-    theirs.keys, theirs.values = [k.float() for k in theirs.keys], [v.float() for v in theirs.values]
-    theirs._like = theirs.keys[0]
-    with torch.inference_mode():
-        for _ in range(5):  # the caches grow step by step: every step must agree, not only the first
-            got = fast(ids, positions, ours.step_mask(), ours)
-            want = reference(input_ids=ids, attention_mask=theirs.step_mask(), position_ids=positions,
-                             use_cache=True, cache=theirs).logits[:, -1]
-            rounded = torch_step(ids, positions, rounded_cache.step_mask(), rounded_cache).float()
-            assert got.dtype == torch.float32 and got.shape == want.shape
-            assert (got - want).abs().max() < 0.05 * want.abs().max(), (got - want).abs().max()
-            assert (got - want).abs().mean() <= (rounded - want).abs().mean()
-            for cache in (ours, theirs, rounded_cache):
-                cache.advance()
-            ids, positions = want.argmax(-1)[:, None], positions + 1
+    for largest, ours, torch_steps in _compared_with_float32(model, reference):
+        assert largest < 0.05 and ours <= torch_steps
+
+
+@needs_kernels
+def test_native_int8_step_is_nearer_the_dequantised_float32_forward_than_the_torch_int8_step():
+    model = _bf16_llama(2)
+    reference = copy.deepcopy(model).float()
+    decoding_layout(model, "int8")
+    assert NativeLlamaStep.supports(model)
+    for name, layer in model.named_modules():  # the reference multiplies by exactly the rounded weights
+        if isinstance(layer, Int8Linear) and "eco_" not in name:
+            dequantised = layer.weight_int8.float() * layer.scale.float()[:, None]
+            reference.get_submodule(name).weight = torch.nn.Parameter(dequantised)  # untied from the embedding
+    for largest, ours, torch_steps in _compared_with_float32(model, reference):
+        assert largest < 0.05 and ours <= torch_steps
 
 
 @needs_kernels
@@ -129,10 +157,7 @@ def test_native_float32_step_gives_the_models_own_forward_up_to_the_order_of_sum
     decoding_layout(model, "float32")
     assert NativeLlamaStep.supports(model)
     fast = NativeLlamaStep(model)
-    ours, ids, positions = _prefilled(model, [5, 9, 2])
-    ours.drop(0)  # one row, behind 7 masked columns
-    ours.drop(1)
-    ids, positions = ids[2:], positions[2:]
+    ours, ids, positions = _one_row(model)
     theirs = copy.deepcopy(ours)
     with torch.inference_mode():
         for _ in range(5):

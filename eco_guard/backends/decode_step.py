@@ -21,7 +21,7 @@ import torch
 from torch.nn.functional import rms_norm, scaled_dot_product_attention
 
 from eco_guard.backends.native import Layer, NativeLinear, Shape, kernels
-from eco_guard.backends.packing import TransposedLinear
+from eco_guard.backends.packing import Int8Linear, TransposedLinear
 
 __all__ = ["LlamaDecodeStep", "NativeLlamaStep"]
 
@@ -110,7 +110,8 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 class NativeLlamaStep(LlamaDecodeStep):
     """The same step as one call of ``native.c``'s ``eco_llama_step`` when one row decodes; several rows take
     the torch step. For models laid out by :func:`~eco_guard.backends.packing.decoding_layout` in bfloat16
-    (:class:`~eco_guard.backends.native.NativeLinear` products) or float32 (transposed weights).
+    (:class:`~eco_guard.backends.native.NativeLinear` products), float32 (transposed weights) or int8 (weights
+    widened as they are read; inputs rounded to int16 steps, finer than the torch step's bfloat16).
 
     Between its products, the torch step makes about 40 small operations a layer, a few microseconds of dispatch
     each: 8-9 ms a token for SmolLM2-135M, for one row as for sixteen. In C the one-row step costs about what
@@ -125,30 +126,34 @@ class NativeLlamaStep(LlamaDecodeStep):
         super().__init__(model)
         config = model.config
         self._call = kernels().eco_llama_step
-        self._cache_dtype = _layout_dtype(model)
+        weights, self._cache_dtype = _layout(model)
         self._layers = (Layer * len(self.layers))()
         for slot, layer in zip(self._layers, self.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            for field, tensor in (("input_norm", layer.input_layernorm.weight), ("qkv", _weight(attn.eco_qkv)),
-                                  ("o", _weight(attn.o_proj)), ("post_norm", layer.post_attention_layernorm.weight),
-                                  ("gate_up", _weight(mlp.eco_gate_up)), ("down", _weight(mlp.down_proj))):
-                setattr(slot, field, tensor.data_ptr())
-        self._head = _weight(self.head)
+            slot.input_norm = layer.input_layernorm.weight.data_ptr()
+            slot.post_norm = layer.post_attention_layernorm.weight.data_ptr()
+            for field, product in (("qkv", attn.eco_qkv), ("o", attn.o_proj), ("gate_up", mlp.eco_gate_up),
+                                   ("down", mlp.down_proj)):
+                matrix, scale = _matrix(product)
+                setattr(slot, field, matrix.data_ptr())
+                setattr(slot, f"{field}_scale", None if scale is None else scale.data_ptr())
+        self._head, self._head_scale = _matrix(self.head)
         self._sizes = {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
                        "q_heads": self.q_heads, "kv_heads": config.num_key_value_heads, "head_dim": self.head_dim,
                        "vocab": self.head.out_features, "eps": self.layers[0].input_layernorm.variance_epsilon,
-                       "scale": self.scaling, "precision": 1 if self._cache_dtype == torch.float32 else 0}
+                       "scale": self.scaling, "precision": int(self._cache_dtype == torch.float32),
+                       "weights": weights}
 
     @staticmethod
     def supports(model: Any) -> bool:
-        """Whether ``model`` is a Llama-family LM laid out for the native step (fused, no biases)."""
-        if kernels() is None or not LlamaDecodeStep.supports(model) or _layout_dtype(model) is None:
+        """Whether ``model`` is a Llama-family LM laid out for the native step (one layout, fused, no biases)."""
+        if kernels() is None or not LlamaDecodeStep.supports(model) or _layout(model) is None:
             return False
         layers = model.model.layers[: model.config.num_hidden_layers]
         norms = [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
                                                                      layer.post_attention_layernorm))]
         head_dim = layers[0].self_attn.head_dim
-        return (all(n.weight.dtype == _layout_dtype(model) for n in norms)
+        return (all(n.weight.dtype == _layout(model)[1] for n in norms)
                 and getattr(model.config, "hidden_act", None) == "silu" and head_dim % 2 == 0 and head_dim <= 256)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -164,8 +169,8 @@ class NativeLlamaStep(LlamaDecodeStep):
         shape = Shape(rows=rows, column=cache.t, columns=columns, mask_stride=cache.mask.shape[1], **self._sizes)
         logits = torch.empty((rows, self._sizes["vocab"]), dtype=torch.float32)
         self._call(hidden.data_ptr(), self._layers, len(self.layers), cos.data_ptr(), sin.data_ptr(),
-                   cache.mask.data_ptr(), self.norm.weight.data_ptr(), self._head.data_ptr(), logits.data_ptr(),
-                   shape)
+                   cache.mask.data_ptr(), self.norm.weight.data_ptr(), self._head.data_ptr(),
+                   None if self._head_scale is None else self._head_scale.data_ptr(), logits.data_ptr(), shape)
         return logits
 
 
@@ -178,20 +183,32 @@ def _products(model: Any) -> list[Any]:
     return [*found, model.lm_head]
 
 
-def _weight(layer: Any) -> torch.Tensor:
-    """What the native step reads of a layer: the bfloat16 ``(out, in)`` or the float32 ``(in, out)`` matrix."""
-    return layer.weight if isinstance(layer, NativeLinear) else layer.weight_t
+def _matrix(layer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the native step reads of a layer: its weight matrix as laid out, and the int8 row scales (or ``None``)."""
+    if isinstance(layer, NativeLinear):
+        return layer.weight, None
+    if isinstance(layer, Int8Linear):
+        return layer.weight_int8, layer.scale
+    return layer.weight_t, None
 
 
-def _layout_dtype(model: Any) -> torch.dtype | None:
-    """bfloat16 or float32 where every product the step needs is laid out for it (native bfloat16 layers, or
-    contiguous transposed float32 ones), without biases; else ``None``."""
+_W_BF16, _W_FLOAT32_T, _W_INT8 = 0, 1, 2  # native.c's weight layouts
+
+
+def _layout(model: Any) -> tuple[int, torch.dtype] | None:
+    """The weight layout every product the step needs shares (native bfloat16, contiguous transposed float32, or
+    int8 rows), and the model's floating-point dtype (its norms, cache and int8 scales); ``None`` if they differ,
+    a layer has a bias or a fused layer is missing."""
     products = _products(model)
     if any(p is None or getattr(p, "bias", None) is not None for p in products):
         return None
     if all(isinstance(p, NativeLinear) for p in products):
-        return torch.bfloat16
+        return _W_BF16, torch.bfloat16
     if all(isinstance(p, TransposedLinear) and p.weight_t.dtype == torch.float32 and p.weight_t.is_contiguous()
            for p in products):
-        return torch.float32
+        return _W_FLOAT32_T, torch.float32
+    if all(isinstance(p, Int8Linear) and p.weight_int8.is_contiguous() for p in products):
+        dtypes = {p.scale.dtype for p in products}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) in (torch.bfloat16, torch.float32):
+            return _W_INT8, dtype
     return None

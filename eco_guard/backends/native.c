@@ -1,9 +1,10 @@
-/* Product kernels torch does not ship, for decoding a few rows at a time on x86-64 CPUs with AVX512-BF16.
+/* Kernels torch does not ship, for decoding one row at a time on x86-64 CPUs with AVX512-BF16.
  *
  * Decoding one token reads every weight once, so a one-row product should take what reading its weight
  * takes. oneDNN's packed bfloat16 product for one row reads SmolLM2's weights ~1.2-2x slower than a plain
- * sum of the same bytes; this loop reads each weight row once, straight from the row-major (out, in)
- * layout nn.Linear keeps, and multiplies it against every input row while it sits in L1.
+ * sum of the same bytes; the products here read each weight once, in the layout eco-guard keeps it in
+ * (bfloat16 and int8 row-major (out, in), float32 transposed (in, out)), and eco_llama_step runs a whole
+ * Llama decoding step in one call, where a step in torch dispatches ~40 small operations a layer.
  *
  * Built by eco_guard/backends/native.py with the system C compiler, loaded with ctypes after torch, so
  * its OpenMP regions run on torch's own libgomp (the same thread pool and thread count torch.set_num_threads
@@ -18,7 +19,7 @@
 
 #define ROWS 4 /* weight rows read together: four independent accumulator chains */
 
-int eco_abi_version(void) { return 3; }
+int eco_abi_version(void) { return 4; }
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's float -> bfloat16 cast */
     uint32_t u;
@@ -127,9 +128,9 @@ static void product_t(const float *x, const float *wt, float *y, int64_t m, int6
     }
 }
 
-/* The two layouts a step runs on: bfloat16 (weights (out, in), activations rounded to bfloat16 before each
- * product, bfloat16 cache) and float32 (weights transposed (in, out), float32 throughout). */
+/* The cache's and the norms' precision (the model's floating-point dtype), and the layouts of the weights. */
 enum { BF16 = 0, F32 = 1 };
+enum { W_BF16 = 0, W_F32T = 1, W_INT8 = 2 }; /* bf16 (out, in); float32 transposed (in, out); int8 (out, in) */
 
 static inline void put(void *buf, int64_t i, float v, int precision) {
     if (precision == F32) ((float *)buf)[i] = v;
@@ -140,15 +141,60 @@ static inline float get(const void *buf, int64_t i, int precision) {
     return precision == F32 ? ((const float *)buf)[i] : from_bf16(((const uint16_t *)buf)[i]);
 }
 
-static void prod(const void *x, const void *w, float *y, int64_t m, int64_t n, int64_t k, int accumulate,
-                 int precision) {
-    if (precision == F32) product_t(x, w, y, m, n, k, accumulate);
+#define MAX_K 8192 /* inputs an int8 product quantises on the stack */
+
+/* y (m, n) = (x . w^T) * scale, or y += with accumulate: int8 weights (n, k) with one scale per output row (in
+ * `precision`), float32 inputs. Each input row is rounded to int16 with its own scale, as fine as the int32 sums
+ * allow (|x| at most (2^31 - 1) / (127 k): 11,000 steps for k = 1536, 15 bits for k <= 516), and the products
+ * run as int16 pairs (AVX512-VNNI): two instructions for 32 weights, so reading the int8 weights stays the limit. */
+static void product_i8(const float *x, const int8_t *w, const void *scale, int precision, float *y, int64_t m,
+                       int64_t n, int64_t k, int accumulate) {
+    const int64_t blocks = (n + ROWS - 1) / ROWS;
+    const int64_t top = (int64_t)(2147483647.0 / (127.0 * (double)k)) < 32767
+                            ? (int64_t)(2147483647.0 / (127.0 * (double)k)) : 32767;
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * k;
+        int16_t xq[MAX_K];
+        float amax = 0.0f;
+        for (int64_t j = 0; j < k; j++) amax = fabsf(xr[j]) > amax ? fabsf(xr[j]) : amax;
+        const float step = amax > 0.0f ? amax / (float)top : 1.0f;
+        for (int64_t j = 0; j < k; j++) xq[j] = (int16_t)lrintf(xr[j] / step);
+        float *yr = y + r * n;
+#pragma omp parallel for schedule(static) if (n * k >= (1 << 18))
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t first = b * ROWS, rows = n - first < ROWS ? n - first : ROWS;
+            __m512i acc[ROWS];
+            for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_si512();
+            int64_t j = 0;
+            for (; j + 32 <= k; j += 32) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xq + j));
+                for (int64_t i = 0; i < rows; i++) {
+                    const __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + (first + i) * k + j));
+                    acc[i] = _mm512_dpwssd_epi32(acc[i], _mm512_cvtepi8_epi16(bytes), xv);
+                }
+            }
+            for (int64_t i = 0; i < rows; i++) {
+                int64_t sum = _mm512_reduce_add_epi32(acc[i]);
+                for (int64_t t = j; t < k; t++) sum += (int64_t)w[(first + i) * k + t] * xq[t];
+                const float value = (float)sum * step * get(scale, first + i, precision);
+                yr[first + i] = accumulate ? yr[first + i] + value : value;
+            }
+        }
+    }
+}
+
+/* y [+]= x . (the weight), whichever layout it has; x is bfloat16 for W_BF16 weights, float32 otherwise */
+static void prod(const void *x, const void *w, const void *scale, float *y, int64_t m, int64_t n, int64_t k,
+                 int accumulate, int weights, int precision) {
+    if (weights == W_F32T) product_t(x, w, y, m, n, k, accumulate);
+    else if (weights == W_INT8) product_i8(x, w, scale, precision, y, m, n, k, accumulate);
     else product(x, w, y, m, n, k, accumulate);
 }
 
-/* LlamaRMSNorm: in bfloat16 as transformers computes it (normalised in float32, cast, scaled, cast); in float32
- * the scaled value itself. */
-static void rms_norm(const float *x, const void *weight, void *y, int64_t m, int64_t h, float eps, int precision) {
+/* LlamaRMSNorm, written to y in `format`: in a bfloat16 model as transformers computes it (normalised in float32,
+ * cast, then scaled), in a float32 one the scaled value itself. */
+static void rms_norm(const float *x, const void *weight, void *y, int64_t m, int64_t h, float eps, int precision,
+                     int format) {
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * h;
         double squares = 0.0;
@@ -156,7 +202,7 @@ static void rms_norm(const float *x, const void *weight, void *y, int64_t m, int
         const float inv = 1.0f / sqrtf((float)(squares / (double)h) + eps);
         for (int64_t j = 0; j < h; j++) {
             const float normed = precision == F32 ? xr[j] * inv : from_bf16(to_bf16(xr[j] * inv));
-            put(y, r * h + j, normed * get(weight, j, precision), precision);
+            put(y, r * h + j, normed * get(weight, j, precision), format);
         }
     }
 }
@@ -171,16 +217,18 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t d) {
     }
 }
 
-typedef struct { /* one decoder layer: weights (as the step's precision lays them out), cache buffers (rows, kv
-                  * heads, columns, d) */
+typedef struct { /* one decoder layer: weights (in the step's layout), int8 scales (else NULL), cache buffers
+                  * (rows, kv heads, columns, d) */
     const void *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+    const void *qkv_scale, *o_scale, *gate_up_scale, *down_scale;
     void *keys, *values;
 } eco_layer;
 
 typedef struct { /* the shapes of a step */
     int64_t rows, hidden, intermediate, q_heads, kv_heads, head_dim, vocab;
     int64_t column, columns, mask_stride; /* column written this step; buffers' columns; mask row stride */
-    int64_t precision;                    /* BF16 or F32 */
+    int64_t precision;                    /* BF16 or F32: the cache, the norms and the int8 scales */
+    int64_t weights;                      /* W_BF16, W_F32T or W_INT8 */
     float eps, scale;
 } eco_shape;
 
@@ -243,19 +291,19 @@ static void attend(const float *qkv, const eco_layer *layer, const uint8_t *mask
  * in float32 and is the residual stream throughout; cos and sin (rows, head_dim) the rotary angles of each row's
  * position; each row's key and value are written at s->column of its layer buffers; logits (rows, vocab). */
 void eco_llama_step(float *hidden, const eco_layer *layers, int64_t n_layers, const float *cos, const float *sin,
-                    const uint8_t *mask, const void *final_norm, const void *head, float *logits,
-                    const eco_shape *s) {
-    const int precision = (int)s->precision;
+                    const uint8_t *mask, const void *final_norm, const void *head, const void *head_scale,
+                    float *logits, const eco_shape *s) {
+    const int precision = (int)s->precision, weights = (int)s->weights, format = weights == W_BF16 ? BF16 : F32;
     const int64_t m = s->rows, h = s->hidden, d = s->head_dim, nq = s->q_heads, nkv = s->kv_heads;
     const int64_t width = (nq + 2 * nkv) * d, inner = s->intermediate;
     const int64_t widest = h > inner ? (h > nq * d ? h : nq * d) : (inner > nq * d ? inner : nq * d);
-    void *x = malloc((precision == F32 ? sizeof(float) : sizeof(uint16_t)) * m * widest);
+    void *x = malloc((format == F32 ? sizeof(float) : sizeof(uint16_t)) * m * widest);
     float *qkv = malloc(sizeof(float) * m * width), *att = malloc(sizeof(float) * m * nq * d);
     float *gate_up = malloc(sizeof(float) * m * 2 * inner);
     for (int64_t l = 0; l < n_layers; l++) {
         const eco_layer *layer = layers + l;
-        rms_norm(hidden, layer->input_norm, x, m, h, s->eps, precision);
-        prod(x, layer->qkv, qkv, m, width, h, 0, precision);
+        rms_norm(hidden, layer->input_norm, x, m, h, s->eps, precision, format);
+        prod(x, layer->qkv, layer->qkv_scale, qkv, m, width, h, 0, weights, precision);
         for (int64_t r = 0; r < m; r++) {
             float *row = qkv + r * width;
             for (int64_t head_i = 0; head_i < nq + nkv; head_i++) rotate(row + head_i * d, cos + r * d, sin + r * d, d);
@@ -268,19 +316,19 @@ void eco_llama_step(float *hidden, const eco_layer *layers, int64_t n_layers, co
             }
         }
         attend(qkv, layer, mask, att, s);
-        for (int64_t i = 0; i < m * nq * d; i++) put(x, i, att[i], precision);
-        prod(x, layer->o, hidden, m, h, nq * d, 1, precision);
-        rms_norm(hidden, layer->post_norm, x, m, h, s->eps, precision);
-        prod(x, layer->gate_up, gate_up, m, 2 * inner, h, 0, precision);
+        for (int64_t i = 0; i < m * nq * d; i++) put(x, i, att[i], format);
+        prod(x, layer->o, layer->o_scale, hidden, m, h, nq * d, 1, weights, precision);
+        rms_norm(hidden, layer->post_norm, x, m, h, s->eps, precision, format);
+        prod(x, layer->gate_up, layer->gate_up_scale, gate_up, m, 2 * inner, h, 0, weights, precision);
         for (int64_t r = 0; r < m; r++)
             for (int64_t j = 0; j < inner; j++) {
                 const float g = gate_up[r * 2 * inner + j], u = gate_up[r * 2 * inner + inner + j];
-                put(x, r * inner + j, g / (1.0f + expf(-g)) * u, precision);
+                put(x, r * inner + j, g / (1.0f + expf(-g)) * u, format);
             }
-        prod(x, layer->down, hidden, m, h, inner, 1, precision);
+        prod(x, layer->down, layer->down_scale, hidden, m, h, inner, 1, weights, precision);
     }
-    rms_norm(hidden, final_norm, x, m, h, s->eps, precision);
-    prod(x, head, logits, m, s->vocab, h, 0, precision);
+    rms_norm(hidden, final_norm, x, m, h, s->eps, precision, format);
+    prod(x, head, head_scale, logits, m, s->vocab, h, 0, weights, precision);
     free(x);
     free(qkv);
     free(att);

@@ -1,16 +1,16 @@
-"""The bfloat16 kernels of ``native.c``: built on first use with the system C compiler, cached, optional.
+"""The decoding kernels of ``native.c``: built on first use with the system C compiler, cached, optional.
 
 Decoding one token reads every weight once, so a decoding step can be no faster than reading the weights. For
 one row, the CPU product kernels torch ships fall short of that (oneDNN's packed bfloat16 product: 1.2x the time
 of a plain sum of the same bytes on one thread, 1.35x on two), and a step in torch adds ~40 small operations a
-layer. ``native.c`` holds a one-row product that reads each weight row once from ``nn.Linear``'s own layout (as
-fast as the sum), and the whole Llama decoding step in one call (:class:`~eco_guard.backends.decode_step.
-NativeLlamaStep`). Numbers: ``benchmarks/README.md``, Backend.
+layer. ``native.c`` holds one-row products that read each weight once in the layout eco-guard keeps it in
+(bfloat16, float32 transposed, int8), as fast as the sum, and the whole Llama decoding step in one call
+(:class:`~eco_guard.backends.decode_step.NativeLlamaStep`). Numbers: ``benchmarks/README.md``, Backend.
 
-It needs an x86-64 CPU with AVX512-BF16, a C compiler (``$CC``, else ``cc``) and torch's OpenMP runtime
-(libgomp, which the compiled library shares with torch: one thread pool, the thread count torch gives the
+It needs an x86-64 CPU with AVX512-BF16 and AVX512-VNNI, a C compiler (``$CC``, else ``cc``) and torch's OpenMP
+runtime (libgomp, which the compiled library shares with torch: one thread pool, the thread count torch gives the
 calling thread). Where any is missing, or ``ECO_GUARD_KERNELS=torch`` is set, :func:`kernels` is ``None`` and
-bfloat16 decodes on oneDNN as it would without this module. The library is compiled once per source into
+every precision decodes on torch's kernels as it would without this module. The library is compiled once per source into
 ``<cache>/kernels/`` (``$ECO_GUARD_CACHE``; about a second).
 
 Example:
@@ -43,20 +43,21 @@ __all__ = ["NativeLinear", "kernels"]
 
 log = logging.getLogger(__name__)
 
-_ABI: Final = 3  # eco_abi_version() of the source this module calls
+_ABI: Final = 4  # eco_abi_version() of the source this module calls
 _SOURCE: Final = Path(__file__).with_name("native.c")
 _FLAGS: Final = ("-O3", "-mprefer-vector-width=512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                  "-fopenmp", "-shared", "-fPIC")
+                  "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
 
 
 def _cpu_has_avx512_bf16() -> bool:
+    """Whether this is an x86-64 Linux CPU with the instructions ``native.c`` uses (AVX512-BF16 and -VNNI)."""
     if platform.system() != "Linux" or platform.machine() not in {"x86_64", "AMD64"}:
         return False
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
         return False
-    return "avx512_bf16" in flags.split()
+    return {"avx512_bf16", "avx512_vnni", "avx512bw", "avx512vl"} <= set(flags.split())
 
 
 def _build(target: Path) -> None:
@@ -99,7 +100,7 @@ def kernels() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.eco_bf16_linear.argtypes = [p, p, p, p, i64, i64, i64]
     lib.eco_bf16_linear.restype = None
-    lib.eco_llama_step.argtypes = [p, ctypes.POINTER(Layer), i64, p, p, p, p, p, p, ctypes.POINTER(Shape)]
+    lib.eco_llama_step.argtypes = [p, ctypes.POINTER(Layer), i64, p, p, p, p, p, p, p, ctypes.POINTER(Shape)]
     lib.eco_llama_step.restype = None
     return lib
 
@@ -108,7 +109,8 @@ class Layer(ctypes.Structure):
     """``eco_layer``: one decoder layer's weights and its KV-cache buffers."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "keys", "values")]
+                ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "qkv_scale", "o_scale", "gate_up_scale",
+                 "down_scale", "keys", "values")]
 
 
 class Shape(ctypes.Structure):
@@ -116,7 +118,7 @@ class Shape(ctypes.Structure):
 
     _fields_ = [*[(name, ctypes.c_int64) for name in
                   ("rows", "hidden", "intermediate", "q_heads", "kv_heads", "head_dim", "vocab", "column", "columns",
-                   "mask_stride", "precision")], ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                   "mask_stride", "precision", "weights")], ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 def _bound(kernel, weight: int, bias: int, n: int, k: int):
