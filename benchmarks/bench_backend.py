@@ -177,15 +177,19 @@ DEV_PROMPTS = [*sorted((Path(__file__).parent / "data" / "topics").glob("*/promp
                Path(__file__).parent / "data" / "retain" / "prompts.jsonl"]
 
 
-def weight_floor_s(n_bytes: int, dtype: torch.dtype, reps: int = 9) -> float:
-    """Seconds to read ``n_bytes`` once: a tensor of the model's size in ``dtype``, summed (median of ``reps``)."""
-    tensor = torch.ones(n_bytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+def weight_floor_s(tensor: torch.Tensor, reps: int = 9) -> float:
+    """Seconds to read ``tensor`` once (a tensor of the model's size, summed; median of ``reps``)."""
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         tensor.sum()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def floor_tensor(n_bytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``n_bytes`` in ``dtype`` (ones: every page touched before any timing)."""
+    return torch.ones(n_bytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
@@ -251,8 +255,12 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str], th
         with torch.inference_mode():
             plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=backend.pad_id)
-    ours, hf_times = [], []
+    # the floor is read beside each run: this machine's memory bandwidth drifts by 20% and more between minutes
+    # (an int8 sum is a slow integer reduction, not a read: the same bytes as bfloat16 measure the read)
+    weights = floor_tensor(n_bytes, torch.bfloat16 if dtype == "int8" else _DT[dtype])
+    ours, hf_times, floors = [], [], []
     for _ in range(reps):  # interleaved, so drift hits both
+        floors.append(weight_floor_s(weights))
         # this thread's own multi-threaded work (generate, the last precision's floor) leaves idle OpenMP
         # workers, which throttle the decoder's (eco_guard.threads): an application would release them too
         release_idle_threads()
@@ -279,9 +287,8 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str], th
             runs.append(n * new_tokens / (time.perf_counter() - start))
         concurrency[str(n)] = runs
         log(f"{dtype}: concurrency {n}: {[round(r, 1) for r in runs]} tokens/s")
-    # after the decoding, so that allocating a tensor of the model's size cannot disturb its timings;
-    # an int8 sum is a slow integer reduction, not a read: the same bytes as bfloat16 measure the read
-    floor = weight_floor_s(n_bytes, torch.bfloat16 if dtype == "int8" else _DT[dtype])
+    del weights
+    floor = statistics.median(floors)
     products = products_s(backend.model)
     log(f"{dtype}: floor {1000 * floor:.1f} ms, products alone {1000 * products:.1f} ms")
     ms_token = 1000 * statistics.median(ours) / new_tokens
@@ -291,7 +298,8 @@ def bench_precision(dtype: str, new_tokens: int, reps: int, texts: list[str], th
         "ours_s": ours,
         "ours_tokens_per_s": [new_tokens / s for s in ours],
         "ours_ms_per_token": ms_token,
-        "ratio_to_floor": ms_token / (1000 * floor),
+        "floors_ms": [1000 * f for f in floors],
+        "ratio_to_floor": statistics.median(r / new_tokens / f for r, f in zip(ours, floors)),
         "products_ms": 1000 * products,
         "ratio_to_products": ms_token / (1000 * products),
         "transformers_generate_s": hf_times,

@@ -157,8 +157,12 @@ static void product_i8(const float *x, const int8_t *w, const void *scale, int p
         int16_t xq[MAX_K];
         float amax = 0.0f;
         for (int64_t j = 0; j < k; j++) amax = fabsf(xr[j]) > amax ? fabsf(xr[j]) : amax;
-        const float step = amax > 0.0f ? amax / (float)top : 1.0f;
-        for (int64_t j = 0; j < k; j++) xq[j] = (int16_t)lrintf(xr[j] / step);
+        const float step = amax > 0.0f ? amax / (float)top : 1.0f, inv = 1.0f / step;
+        int64_t j = 0;
+        for (const __m512 iv = _mm512_set1_ps(inv); j + 16 <= k; j += 16) /* rounded to nearest, saturated */
+            _mm256_storeu_si256((__m256i *)(xq + j),
+                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + j), iv))));
+        for (; j < k; j++) xq[j] = (int16_t)lrintf(xr[j] * inv);
         float *yr = y + r * n;
 #pragma omp parallel for schedule(static) if (n * k >= (1 << 18))
         for (int64_t b = 0; b < blocks; b++) {
