@@ -8,7 +8,8 @@ import logging
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from test_decode_step import _prefilled
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from eco_guard.backends import native
 from eco_guard.backends.batching import SlotCache
@@ -75,25 +76,9 @@ def test_native_parts_of_a_fused_projection_are_views_and_give_its_columns():
         assert torch.equal(attn.k_proj(x), attn.eco_qkv(x)[..., q : q + attn.k_proj.out_features])
 
 
-def _prefilled(model, lengths: list[int]) -> tuple[SlotCache, torch.Tensor, torch.Tensor]:
-    """A slot cache holding left-padded random prompts of ``lengths``, the last ids and positions."""
-    width = max(lengths)
-    attn = torch.zeros((len(lengths), width), dtype=torch.long)
-    for row, n in enumerate(lengths):
-        attn[row, width - n:] = 1
-    ids = torch.randint(0, model.config.vocab_size, (len(lengths), width), generator=torch.Generator().manual_seed(1))
-    prefill = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True, cache=prefill)
-    cache = SlotCache(len(prefill.layers))
-    cache.admit([(layer.keys.clone(), layer.values.clone()) for layer in prefill.layers], attn)
-    return cache, out.logits[:, -1].argmax(-1)[:, None], attn.sum(-1)[:, None]
-
-
 def _one_row(model) -> tuple[SlotCache, torch.Tensor, torch.Tensor]:
     """One row left of three prefilled ones (what the native step decodes): the shortest, behind 7 masked columns."""
-    cache, ids, positions = _prefilled(model, [5, 9, 2])
+    cache, _, ids, positions = _prefilled(model, [5, 9, 2])
     cache.drop(0)
     cache.drop(1)
     return cache, ids[2:], positions[2:]
