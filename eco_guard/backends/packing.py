@@ -1,5 +1,6 @@
-"""Linear layers rewritten for CPU decoding: float32 weights stored transposed, bfloat16 weights packed once
-for oneDNN, or int8 weights; and each layer's q/k/v and gate/up projections fused into one product.
+"""Linear layers rewritten for CPU decoding: float32 weights stored transposed, bfloat16 weights for the native
+kernels (:mod:`eco_guard.backends.native`, with a oneDNN-packed copy for batches) or packed once for oneDNN where
+those cannot run, or int8 weights; and each layer's q/k/v and gate/up projections fused into one product.
 
 Decoding one token reads every weight once, so its time is the weights' size over the memory bandwidth, and
 how close a kernel comes to it depends on the layout: MKL's one-row float32 product reads an ``(in, out)``
@@ -147,8 +148,11 @@ def decoding_layout(model: nn.Module, precision: str,
     Each Llama-family decoder layer also gets one fused layer per group (``self_attn.eco_qkv``,
     ``mlp.eco_gate_up``): the model's own forward ignores them; the decoding step
     (:class:`~eco_guard.backends.decode_step.LlamaDecodeStep`) multiplies once where it would three or two times.
-    The projections become views of the fused weight where the format allows (transposed float32, int8, a
-    precision left as it is) and keep copies of their own where it is opaque (packed bfloat16).
+    The projections become views of the fused weight where the format allows (transposed float32, int8, native
+    bfloat16, a precision left as it is) and keep copies of their own where it is opaque (packed bfloat16 without
+    the native kernels). In bfloat16 the whole and fused layers the decoding step multiplies through are
+    :class:`~eco_guard.backends.native.NativeLinear` where the kernels run: one row natively, several on a packed
+    copy.
 
     In float32 the transposed weights are returned by layer name; given back as ``stored`` (a file the caller
     saved them in, mapped lazily), they are used as they are and the model's own linear weights are never read.
