@@ -20,9 +20,9 @@ from eco_guard.backends.packing import Int8Linear, PackedLinear, decoding_layout
 needs_kernels = pytest.mark.skipif(kernels() is None, reason="no AVX512-BF16 CPU or no C compiler here")
 
 
-def _bf16_llama(kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def _bf16_llama(kv_heads: int = 2, seed: int = 0, intermediate: int = 128) -> LlamaForCausalLM:
     """A random 2-layer Llama whose sizes the kernels take (hidden and intermediate multiples of 32), in bfloat16."""
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=128,
                          tie_word_embeddings=True, initializer_range=0.1)
     torch.manual_seed(seed)
@@ -121,8 +121,9 @@ def test_native_step_is_nearer_the_float32_forward_than_the_bfloat16_torch_step(
 
 
 @needs_kernels
-def test_native_int8_step_is_nearer_the_dequantised_float32_forward_than_the_torch_int8_step():
-    model = _bf16_llama(2)
+@pytest.mark.parametrize("intermediate", [128, 8224], ids=["narrow", "wider-than-the-stack-buffer"])
+def test_native_int8_step_is_nearer_the_dequantised_float32_forward_than_the_torch_int8_step(intermediate):
+    model = _bf16_llama(2, intermediate=intermediate)
     reference = copy.deepcopy(model).float()
     decoding_layout(model, "int8")
     assert NativeLlamaStep.supports(model)

@@ -141,7 +141,7 @@ static inline float get(const void *buf, int64_t i, int precision) {
     return precision == F32 ? ((const float *)buf)[i] : from_bf16(((const uint16_t *)buf)[i]);
 }
 
-#define MAX_K 8192 /* inputs an int8 product quantises on the stack */
+#define MAX_K 8192 /* inputs an int8 product quantises on the stack (more: on the heap) */
 
 /* y (m, n) = (x . w^T) * scale, or y += with accumulate: int8 weights (n, k) with one scale per output row (in
  * `precision`), float32 inputs. Each input row is rounded to int16 with its own scale, as fine as the int32 sums
@@ -152,9 +152,9 @@ static void product_i8(const float *x, const int8_t *w, const void *scale, int p
     const int64_t blocks = (n + ROWS - 1) / ROWS;
     const int64_t top = (int64_t)(2147483647.0 / (127.0 * (double)k)) < 32767
                             ? (int64_t)(2147483647.0 / (127.0 * (double)k)) : 32767;
+    int16_t small[MAX_K], *xq = k <= MAX_K ? small : malloc(sizeof(int16_t) * k); /* wider layers: the heap */
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * k;
-        int16_t xq[MAX_K];
         float amax = 0.0f;
         for (int64_t j = 0; j < k; j++) amax = fabsf(xr[j]) > amax ? fabsf(xr[j]) : amax;
         const float step = amax > 0.0f ? amax / (float)top : 1.0f, inv = 1.0f / step;
@@ -185,6 +185,7 @@ static void product_i8(const float *x, const int8_t *w, const void *scale, int p
             }
         }
     }
+    if (xq != small) free(xq);
 }
 
 /* y [+]= x . (the weight), whichever layout it has; x is bfloat16 for W_BF16 weights, float32 otherwise */
