@@ -178,7 +178,7 @@ def test_kernels_switched_off_leave_bfloat16_on_onednn(fresh_kernels, monkeypatc
 
 def test_a_failing_compiler_is_a_warning_and_decoding_stays_on_torch(fresh_kernels, monkeypatch, caplog):
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    monkeypatch.setattr(native, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(native, "_cpu_supported", lambda: True)
     with caplog.at_level(logging.WARNING, logger="eco_guard.backends.native"):
         assert kernels() is None
     assert "native kernels unavailable" in caplog.text

@@ -49,7 +49,7 @@ _FLAGS: Final = ("-O3", "-mprefer-vector-width=512", "-mavx512f", "-mavx512bw", 
                   "-mavx512vnni", "-fopenmp", "-shared", "-fPIC")
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_supported() -> bool:
     """Whether this is an x86-64 Linux CPU with the instructions ``native.c`` uses (AVX512-BF16 and -VNNI)."""
     if platform.system() != "Linux" or platform.machine() not in {"x86_64", "AMD64"}:
         return False
@@ -81,7 +81,7 @@ def kernels() -> ctypes.CDLL | None:
     """The compiled kernels, or ``None`` where this CPU, this machine or ``ECO_GUARD_KERNELS`` rules them out."""
     if os.environ.get("ECO_GUARD_KERNELS", "native").lower() in {"torch", "0", "off", "none"}:
         return None
-    if not _cpu_has_avx512_bf16():
+    if not _cpu_supported():
         return None
     from eco_guard.config import default_cache_dir
 
