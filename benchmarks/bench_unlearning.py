@@ -63,10 +63,11 @@ def variants(guard: Guard) -> dict[str, tuple[CorruptionSpec, SelectionConfig]]:
     }
 
 
-def run(max_new_tokens: int, dtype: str | None = None) -> dict:
+def run(max_new_tokens: int, dtype: str | None = None, batch_invariant: bool = False) -> dict:
     cfg = load_config(None)
-    if dtype:
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": dtype})})
+    if dtype or batch_invariant:
+        update = {"dtype": dtype or cfg.model.dtype, "batch_invariant": batch_invariant}
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update=update)})
     guard = Guard.from_config(cfg)
     forget_items = read_qa(DATA / "topics" / TOPIC / "qa.jsonl")
     forget = KnowledgeObjective(guard, TOPIC, forget_items, max_new_tokens=max_new_tokens)
@@ -81,14 +82,20 @@ def run(max_new_tokens: int, dtype: str | None = None) -> dict:
                      "seconds": round(time.perf_counter() - started, 1), "forget_replies": list(f.replies)})
         print(f"{name}: forget kept {f.hit_rate:.0%} of {len(forget.known)}, retain kept {r.hit_rate:.0%} of "
               f"{len(retain.known)}, fluency {f.fluency_ratio:.2f}", flush=True)
-    return {"model": guard.model_name, "dtype": cfg.model.dtype, "max_new_tokens": max_new_tokens, "targets": TARGETS,
+    return {"model": guard.model_name, "dtype": cfg.model.dtype, "batch_invariant": cfg.model.batch_invariant,
+            "max_new_tokens": max_new_tokens, "targets": TARGETS,
             "forget_known": len(forget.known), "forget_questions": forget.n_questions,
             "retain_known": len(retain.known), "retain_questions": retain.n_questions, "rows": rows}
 
 
+def _invariant(report: dict) -> str:
+    return ", batch-invariant" if report.get("batch_invariant") else ""
+
+
 def to_markdown(report: dict) -> str:
     lines = ["# Unlearning through the guard", "", "## (b) The embedded demo guard on held-out questions", "",
-             (f"Model {report['model']} ({report.get('dtype', 'float32')}), greedy, {report['max_new_tokens']} "
+             (f"Model {report['model']} ({report.get('dtype', 'float32')}{_invariant(report)}), greedy, "
+              f"{report['max_new_tokens']} "
               "new tokens. Forget: the "
               f"{report['forget_known']} of {report['forget_questions']} dev Harry Potter questions the plain model "
               f"answers right; retain: {report['retain_known']} of {report['retain_questions']}. Targets: forget "
@@ -138,6 +145,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
                         help="model weights' precision (default: the demo config's)")
     parser.add_argument("--skip-tofu", action="store_true", help="only part (b), the embedded demo guard")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="model.batch_invariant: replies that do not depend on their batch (bfloat16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tofu = None
@@ -147,13 +156,14 @@ def main() -> None:
 
         tofu = tofu_mini.main(["--guard", "--learned"])
         torch.set_num_threads(args.threads)
-    report = run(args.max_new_tokens, args.dtype)
+    report = run(args.max_new_tokens, args.dtype, args.batch_invariant)
     if tofu is not None:
         report["tofu_mini"] = {"table": tofu_mini.markdown_table(tofu["methods"]),
                                "methods": [{k: v for k, v in m.items() if k not in ("splits", "forget_replies")}
                                            for m in tofu["methods"]]}
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = f"unlearning-{args.dtype}" if args.dtype else "unlearning"
+    stem = "-".join(["unlearning", *([args.dtype] if args.dtype else []),
+                     *(["batch-invariant"] if args.batch_invariant else [])])
     (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (OUT / f"{stem}.md").write_text(to_markdown(report), encoding="utf-8")
     plot(report, OUT / f"{stem}.png")

@@ -366,6 +366,10 @@ class ModelConfig(_Strict):
     threads: int | None = Field(None, gt=0, description=(
         "backend: local: torch threads of the decoding worker (callers keep their own count); "
         "default: every core (OMP_NUM_THREADS if set)"))
+    batch_invariant: bool = Field(False, description=(
+        "backend: local: decode concurrent requests with the arithmetic of a lone one and prefill each alone, so "
+        "that a greedy reply never depends on what else decodes (bfloat16 with the native kernels: float32 does "
+        "not need it; slower at high concurrency)"))
     url: str | None = Field(None, validate_default=True, description=(
         "backend: remote: the generation server's base URL (http://host:8000; /v1/completions is appended)"))
     api_key_env: str | None = Field(None, description=(

@@ -261,7 +261,8 @@ def _load_backend(cfg: GuardConfig, model: str | os.PathLike[str]) -> Backend:
     from eco_guard.backends.local import LocalBackend
 
     return LocalBackend.from_pretrained(
-        model, dtype=m.dtype, system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens, threads=m.threads
+        model, dtype=m.dtype, system_prompt=m.system_prompt, max_input_tokens=m.max_input_tokens, threads=m.threads,
+        batch_invariant=m.batch_invariant
     )
 
 

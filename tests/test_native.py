@@ -193,3 +193,39 @@ def test_the_kernels_are_compiled_once_per_source(fresh_kernels):
     stamp = built.stat().st_mtime_ns
     kernels.cache_clear()
     assert kernels() is not None and built.stat().st_mtime_ns == stamp
+
+
+@needs_kernels
+def test_batch_invariant_bfloat16_gives_each_request_its_lone_tokens_in_any_batch(tiny_model, real_tokenizer):
+    from eco_guard.backends.base import GenerationParams
+    from eco_guard.backends.local import LocalBackend
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    decoding_layout(model, "bfloat16")
+    weight = tiny_model.get_input_embeddings().weight.detach()
+    backend = LocalBackend(model, real_tokenizer, embedding=weight, batch_invariant=True)
+    assert backend._scheduler._lean.batch_invariant and backend._scheduler._alone
+    texts = ["Who is Harry Potter?", "Name a colour.", "What is the capital of France, and why is it there?"]
+    prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts]
+    params = GenerationParams(max_new_tokens=12, ignore_eos=True)
+    alone = [backend.generate([p], params=params)[0].token_ids for p in prompts]
+    assert [g.token_ids for g in backend.generate(prompts, params=params)] == alone
+    assert [g.token_ids for g in backend.generate(prompts[::-1], params=params)] == alone[::-1]
+    default = LocalBackend(model, real_tokenizer, embedding=weight)
+    assert not default._scheduler._lean.batch_invariant and not default._scheduler._alone
+
+
+@needs_kernels
+@pytest.mark.integration
+def test_real_model_in_bfloat16_batch_invariant_replies_do_not_depend_on_the_batch():
+    from eco_guard.backends.base import GenerationParams
+    from eco_guard.backends.local import LocalBackend
+
+    backend = LocalBackend.from_pretrained("default", dtype="bfloat16", batch_invariant=True)
+    texts = ["Who is Harry Potter?", "What is the capital of France?", "Name three primary colours.",
+             "Write a haiku about the sea.", "How do vaccines work?", "What is 17 times 23?"]
+    prompts = [backend.prepare([{"role": "user", "content": t}]) for t in texts]
+    params = GenerationParams(max_new_tokens=32, ignore_eos=True)
+    alone = [backend.generate([p], params=params)[0].token_ids for p in prompts]
+    # without batch_invariant some of these replies change in a batch (this test then fails)
+    assert [g.token_ids for g in backend.generate(prompts, params=params)] == alone

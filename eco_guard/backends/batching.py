@@ -224,18 +224,25 @@ class DecodeScheduler:
         eos_ids: end-of-sequence token ids (a request with ``ignore_eos`` decodes past them).
         max_batch: rows decoded together; further requests wait for a free row.
         threads: torch intra-op threads of the worker (default: every core; :mod:`eco_guard.threads`).
+        batch_invariant: decode batches with the arithmetic of a lone request, and prefill each request alone,
+            so that a greedy reply does not depend on what else decodes (bfloat16 with the native kernels;
+            elsewhere it changes nothing).
     """
 
     def __init__(self, model: Any, *, pad_id: int, eos_ids: set[int], max_batch: int = DEFAULT_MAX_BATCH,
-                 threads: int | None = None):
+                 threads: int | None = None, batch_invariant: bool = False):
         self.model, self.pad_id, self.eos_ids, self.max_batch = model, pad_id, frozenset(eos_ids), max_batch
         self.threads = threads or default_decode_threads()
         params = inspect.signature(model.forward).parameters
         # transformers 5.x renames forward's `past_key_values` to `cache`; accept both.
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        step = next((s for s in (NativeLlamaStep, LlamaDecodeStep) if s.supports(model)), None)
-        self._lean = step(model) if step is not None else None
+        if NativeLlamaStep.supports(model):
+            self._lean = NativeLlamaStep(model, batch_invariant=batch_invariant)
+        else:
+            self._lean = LlamaDecodeStep(model) if LlamaDecodeStep.supports(model) else None
+        # a batch-invariant step also needs each request prefilled alone: a padded batch multiplies other shapes
+        self._alone = bool(getattr(self._lean, "batch_invariant", False))
         self._lock = threading.Lock()
         self._pending: list[DecodeRequest] = []
         self._worker: threading.Thread | None = None
@@ -305,6 +312,10 @@ class DecodeScheduler:
             r.events.put(StreamEvent(r.row.finish(), [], r.row.finish_reason))
         new = [r for r in new if r.params.max_new_tokens > 0]
         if not new:
+            return
+        if self._alone and len(new) > 1:
+            for r in new:
+                self._admit([r])
             return
         width = max(r.embeds.shape[0] for r in new)
         embeds = new[0].embeds.new_zeros((len(new), width, new[0].embeds.shape[-1]))

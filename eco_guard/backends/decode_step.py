@@ -109,7 +109,8 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
 
 class NativeLlamaStep(LlamaDecodeStep):
     """The same step as one call of ``native.c``'s ``eco_llama_step`` when one row decodes; several rows take
-    the torch step. For models laid out by :func:`~eco_guard.backends.packing.decoding_layout` in bfloat16
+    the torch step (with ``batch_invariant``, in bfloat16, the native step too: slower, but a row's numbers are
+    then those it gets alone). For models laid out by :func:`~eco_guard.backends.packing.decoding_layout` in bfloat16
     (:class:`~eco_guard.backends.native.NativeLinear` products), float32 (transposed weights) or int8 (weights
     widened as they are read; inputs rounded to int16 steps, finer than the torch step's bfloat16).
 
@@ -122,7 +123,7 @@ class NativeLlamaStep(LlamaDecodeStep):
     step rounds them, so they lie between the bfloat16 and the float32 forward (tests compare both).
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, *, batch_invariant: bool = False):
         super().__init__(model)
         config = model.config
         self._call = kernels().eco_llama_step
@@ -138,6 +139,8 @@ class NativeLlamaStep(LlamaDecodeStep):
                 setattr(slot, field, matrix.data_ptr())
                 setattr(slot, f"{field}_scale", None if scale is None else scale.data_ptr())
         self._head, self._head_scale = _matrix(self.head)
+        # batches too, where the native product is the layout's: each row summed as it would be alone
+        self.batch_invariant = batch_invariant and weights == _W_BF16
         self._sizes = {"hidden": config.hidden_size, "intermediate": config.intermediate_size,
                        "q_heads": self.q_heads, "kv_heads": config.num_key_value_heads, "head_dim": self.head_dim,
                        "vocab": self.head.out_features, "eps": self.layers[0].input_layernorm.variance_epsilon,
@@ -158,7 +161,7 @@ class NativeLlamaStep(LlamaDecodeStep):
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         rows = ids.shape[0]
-        if rows != 1 or cache.keys[0].dtype != self._cache_dtype:
+        if (rows != 1 and not self.batch_invariant) or cache.keys[0].dtype != self._cache_dtype:
             return super().__call__(ids, positions, mask, cache)
         hidden = self.embed(ids)[:, 0].float().contiguous()
         cos, sin = self.rotary(hidden[:, None], positions)  # float32 angles: the input's dtype

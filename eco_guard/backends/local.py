@@ -238,13 +238,14 @@ class LocalBackend(Backend):
 
     The model is only read during generation, so one backend serves many threads; their requests
     decode together (up to ``max_batch`` rows), on one worker thread with ``threads`` torch threads (default:
-    every core; :mod:`eco_guard.threads`). ``embedding`` is the float32 token-embedding matrix prompts are
-    embedded and corrupted with (default: the model's own, as float32).
+    every core; :mod:`eco_guard.threads`); with ``batch_invariant`` a greedy reply never depends on the requests
+    decoded beside it (:class:`~eco_guard.backends.batching.DecodeScheduler`). ``embedding`` is the float32
+    token-embedding matrix prompts are embedded and corrupted with (default: the model's own, as float32).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, system_prompt: str | None = None,
                  max_input_tokens: int | None = None, embedding: torch.Tensor | None = None,
-                 max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None):
+                 max_batch: int = DEFAULT_MAX_BATCH, threads: int | None = None, batch_invariant: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
@@ -263,7 +264,7 @@ class LocalBackend(Backend):
             embedding = model.get_input_embeddings().weight.detach().to(torch.float32)
         self._embedding = embedding
         self._scheduler = DecodeScheduler(model, pad_id=self.pad_id, eos_ids=eos_ids, max_batch=max_batch,
-                                          threads=threads)
+                                          threads=threads, batch_invariant=batch_invariant)
 
     @classmethod
     def from_pretrained(
@@ -275,6 +276,7 @@ class LocalBackend(Backend):
         system_prompt: str | None = None,
         max_input_tokens: int | None = None,
         threads: int | None = None,
+        batch_invariant: bool = False,
     ) -> LocalBackend:
         """Load ``default`` (SmolLM2-135M-Instruct), an HF folder or a ``.gguf`` file.
 
@@ -307,7 +309,7 @@ class LocalBackend(Backend):
                 _LOADED[key] = (model, tokenizer, embedding)
             model, tokenizer, embedding = _LOADED[key]
         backend = cls(model, tokenizer, system_prompt=system_prompt, max_input_tokens=max_input_tokens,
-                      embedding=embedding, threads=threads)
+                      embedding=embedding, threads=threads, batch_invariant=batch_invariant)
         backend.name = model_display_name(path)
         return backend
 

@@ -83,13 +83,45 @@ void eco_bf16_linear(const uint16_t *x, const uint16_t *w, const uint16_t *bias,
     }
 }
 
+/* dot_rows for four input rows (x rows k apart) at once: 16 accumulators, so each loaded weight vector feeds
+ * four products (several rows are compute-bound). Every sum is added in the same order as dot_rows adds it, so
+ * a row's result does not depend on the rows beside it. */
+static inline void dot_4x4(const uint16_t *x, const uint16_t *wb, int64_t k, float out[4][ROWS]) {
+    __m512 acc[4][ROWS];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < ROWS; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < k; j += 32) {
+        __m512bh w[ROWS];
+        for (int i = 0; i < ROWS; i++) {
+            _mm_prefetch((const char *)(wb + (ROWS + i) * k + j), _MM_HINT_T0);
+            w[i] = load_bh(wb + i * k + j);
+        }
+        for (int r = 0; r < 4; r++) {
+            const __m512bh xv = load_bh(x + r * k + j);
+            for (int i = 0; i < ROWS; i++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], w[i], xv);
+        }
+    }
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < ROWS; i++) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+
 /* y (m, n) = x . w^T in float32, or y += x . w^T with accumulate (a residual connection). */
 static void product(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_t n, int64_t k, int accumulate) {
     const int64_t blocks = (n + ROWS - 1) / ROWS;
 #pragma omp parallel for schedule(static) if (n * k >= (1 << 18))
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t first = b * ROWS, rows = n - first < ROWS ? n - first : ROWS;
-        for (int64_t r = 0; r < m; r++) {
+        int64_t r = 0;
+        if (rows == ROWS)
+            for (; r + 4 <= m; r += 4) {
+                float out[4][ROWS];
+                dot_4x4(x + r * k, w + first * k, k, out);
+                for (int q = 0; q < 4; q++) {
+                    float *yr = y + (r + q) * n + first;
+                    for (int64_t i = 0; i < ROWS; i++) yr[i] = accumulate ? yr[i] + out[q][i] : out[q][i];
+                }
+            }
+        for (; r < m; r++) {
             float out[ROWS];
             dot_rows(x + r * k, w + first * k, rows, k, out);
             float *yr = y + r * n + first;
