@@ -242,7 +242,7 @@ class DecodeScheduler:
         else:
             self._lean = LlamaDecodeStep(model) if LlamaDecodeStep.supports(model) else None
         # a batch-invariant step also needs each request prefilled alone: a padded batch multiplies other shapes
-        self._alone = bool(getattr(self._lean, "batch_invariant", False))
+        self._alone = isinstance(self._lean, NativeLlamaStep) and self._lean.batch_invariant
         self._lock = threading.Lock()
         self._pending: list[DecodeRequest] = []
         self._worker: threading.Thread | None = None

@@ -150,13 +150,13 @@ class NativeLlamaStep(LlamaDecodeStep):
     @staticmethod
     def supports(model: Any) -> bool:
         """Whether ``model`` is a Llama-family LM laid out for the native step (one layout, fused, no biases)."""
-        if kernels() is None or not LlamaDecodeStep.supports(model) or _layout(model) is None:
+        if kernels() is None or not LlamaDecodeStep.supports(model) or (layout := _layout(model)) is None:
             return False
         layers = model.model.layers[: model.config.num_hidden_layers]
         norms = [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
                                                                      layer.post_attention_layernorm))]
         head_dim = layers[0].self_attn.head_dim
-        return (all(n.weight.dtype == _layout(model)[1] for n in norms)
+        return (all(n.weight.dtype == layout[1] for n in norms)
                 and getattr(model.config, "hidden_act", None) == "silu" and head_dim % 2 == 0 and head_dim <= 256)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:

@@ -45,7 +45,7 @@ static inline void dot_rows(const uint16_t *x, const uint16_t *wb, int64_t rows,
         for (int64_t j = 0; j < k; j += 32) {
             const __m512bh xv = load_bh(x + j);
             for (int i = 0; i < ROWS; i++) /* the next block's rows: the hardware prefetcher follows four
-                                              streams poorly (int8, one thread: 18 -> 12 ms a token) */
+                                              streams poorly (one thread: 24-29 -> 20 ms a token) */
                 _mm_prefetch((const char *)(wb + (ROWS + i) * k + j), _MM_HINT_T0);
             a0 = _mm512_dpbf16_ps(a0, load_bh(wb + j), xv);
             a1 = _mm512_dpbf16_ps(a1, load_bh(wb + k + j), xv);
